@@ -1,0 +1,3 @@
+from dstfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The backend interface: what a node needs from its storage.
+
+Rules:
+- Offsets and lengths are bytes. Callers stay inside [0, size).
+- Failures are `OSError` with `errno` set, translated once here at the
+  boundary (a backend never lets a raw exception of its transport escape).
+- `ConnectionLost` (an OSError) means the transport broke: the request may or
+  may not have reached storage, and can be retried on a new connection. Any
+  other OSError is the storage's answer to this request.
+- A filter wraps a backend and passes through everything it does not change,
+  like an nbdkit filter over a plugin.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Protocol, runtime_checkable
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ConnectionLost(OSError):
+    """The transport to the storage broke; the request can be resent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ECONNRESET, message)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    #: For log messages: a URI or a path.
+    name: str
+
+    @property
+    def size(self) -> int: ...
+
+    async def pread(self, offset: int, length: int) -> Buffer: ...
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BackendFilter:
+    """Base for wrappers: every call goes to `inner` unless overridden."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        return await self.inner.pread(offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self.inner.pwrite(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.inner.trim(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        await self.inner.write_zeroes(offset, length, may_trim)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

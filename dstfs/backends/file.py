@@ -1,0 +1,153 @@
+"""A local regular file or block device as a backend.
+
+Rules:
+- Regular files are read and written inline on the event loop: they go
+  through the page cache and a 1 MiB copy costs tens of microseconds, far less
+  than a thread hop. Block devices, whose I/O can take milliseconds, and every
+  fsync go to a worker thread so one slow disk cannot stall the other nodes.
+- TRIM punches a hole (fallocate PUNCH_HOLE) in regular files; on block
+  devices it is a no-op (TRIM is advisory). WRITE_ZEROES punches a hole
+  unless the caller forbids it, then writes zeroes.
+- OSError leaves here with its errno; nothing else does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+
+import trio
+
+from dstfs.backends.base import Buffer
+
+log = logging.getLogger(__name__)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKGETSIZE64 = 0x80081272
+_ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+    return st.st_size
+
+
+class FileBackend:
+    """A file or block device opened read-write (or read-only)."""
+
+    def __init__(self, path: str, *, read_only: bool = False, size: int | None = None) -> None:
+        self.name = path
+        self.path = path
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            if not (self.is_block or stat.S_ISREG(st.st_mode)):
+                raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+            real = device_size(self.fd)
+            if size is not None and size > real:
+                raise OSError(errno.ENOSPC, f"{path}: {real} bytes, smaller than {size} asked")
+            self._size = real if size is None else size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._can_punch = not self.is_block
+
+    @classmethod
+    def create(cls, path: str, size: int) -> FileBackend:
+        """Create a sparse file of `size` bytes if it is missing, then open it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return cls(path)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        if self.is_block:
+            return await trio.to_thread.run_sync(self._pread, offset, length)
+        return self._pread(offset, length)
+
+    def _pread(self, offset: int, length: int) -> Buffer:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # a file shorter than its export reads as zeroes
+            data += bytes(length - len(data))
+        return data
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.path} is read-only")
+        if self.is_block:
+            await trio.to_thread.run_sync(self._pwrite, offset, data)
+        else:
+            self._pwrite(offset, data)
+        if fua:
+            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    def _pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(os.fsync, self.fd)
+
+    async def trim(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.path} is read-only")
+        if self._can_punch:
+            try:
+                punch_hole(self.fd, offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False  # TRIM is advisory: ignore from now on
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.path} is read-only")
+        if may_trim and self._can_punch:
+            try:
+                punch_hole(self.fd, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        zero = bytes(min(length, _ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zero), end - offset)
+            await self.pwrite(offset, zero[:n])
+            offset += n
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

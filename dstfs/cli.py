@@ -1,0 +1,102 @@
+"""The `dstfs` command line: build, inspect and tear down arrays, serve nodes.
+
+Rules: every failure is one clear line on stderr and a non-zero exit; a
+traceback reaches the user only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from dstfs import __version__
+from dstfs.uri import parse_size
+
+log = logging.getLogger("dstfs")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def setup_logging(verbose: int, debug: bool = False) -> None:
+    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dstfs.serve import open_export, parse_listen, run_server
+
+    listen = None
+    if args.unix is None:
+        try:
+            listen = parse_listen(args.listen)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    try:
+        size = parse_size(args.size) if args.size else None
+        backend = open_export(args.path, size, args.read_only)
+    except (ValueError, OSError) as e:
+        raise CliError(f"cannot export {args.path}: {e}") from None
+    try:
+        trio.run(
+            lambda: run_server(
+                backend,
+                listen=listen,
+                unix=args.unix,
+                export=args.export,
+                read_only=args.read_only,
+            )
+        )
+    except OSError as e:
+        raise CliError(f"cannot serve {args.path}: {e}") from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dstfs",
+        description="Distributed storage as one FUSE file: NBD and local nodes joined "
+        "by an algorithm, changed live through control files.",
+    )
+    p.add_argument("--version", action="version", version=f"dstfs {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="export a file or block device over NBD")
+    s.add_argument("path", help="file or block device to export")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument(
+        "--listen", default="127.0.0.1:10809", metavar="HOST:PORT", help="default 127.0.0.1:10809"
+    )
+    where.add_argument("--unix", metavar="SOCKET", help="listen on a unix socket instead")
+    s.add_argument("--export", default="", metavar="NAME", help="export name (default: empty)")
+    s.add_argument("--size", help="create a sparse file of this size if PATH is missing (1G, 512M)")
+    s.add_argument("--read-only", action="store_true", help="refuse writes")
+    s.set_defaults(func=cmd_serve)
+
+    from dstfs import commands
+
+    commands.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        sys.stderr.write(f"dstfs {args.command}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130

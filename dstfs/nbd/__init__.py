@@ -1,0 +1,1 @@
+"""The NBD protocol: a sans-I/O codec, a trio client and a trio server."""

@@ -1,0 +1,318 @@
+"""A trio NBD client: one connection, many requests in flight.
+
+Rules:
+- Handshake: fixed newstyle; NBD_OPT_GO (asking for BLOCK_SIZE), falling back
+  to NBD_OPT_EXPORT_NAME when the server does not know GO. Simple replies
+  only: they cost the fewest bytes per read.
+- Requests are pipelined and matched to replies by cookie; one reader task
+  per connection wakes each waiting caller.
+- A per-request error from the server is an OSError with its errno. A broken
+  connection fails every request in flight with `ConnectionLost`; whether to
+  reconnect and resend is the node's business, not the client's.
+- `aclose()` sends NBD_CMD_DISC once no request is in flight, then closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import outcome
+import trio
+
+from dstfs.backends.base import Buffer, ConnectionLost
+from dstfs.nbd import protocol as P
+from dstfs.nbd.sockio import SocketIO, connect_tcp, connect_unix
+from dstfs.uri import NodeSpec, parse_uri
+
+log = logging.getLogger(__name__)
+
+
+class NbdError(OSError):
+    """The server refused something during the handshake."""
+
+
+class _Waiter:
+    """One request's reply slot: cheaper than a trio.Event per request."""
+
+    __slots__ = ("result", "task")
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.result: outcome.Outcome | None = None
+
+    def set(self, result: outcome.Outcome) -> None:
+        if self.result is not None:
+            return
+        self.result = result
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> object:
+        if self.result is None:
+            self.task = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        assert self.result is not None
+        return self.result.unwrap()
+
+
+class NbdClient:
+    """An open NBD connection. Create with `NbdClient.connect()` inside a
+    nursery that will run its reader, or with `open_client()`."""
+
+    def __init__(self, io: SocketIO, conn: P.ClientConnection, info: P.ExportInfo, name: str):
+        self.io = io
+        self.conn = conn
+        self.info = info
+        self.name = name
+        self._pending: dict[int, _Waiter] = {}
+        self._next_cookie = 1
+        self._closed = False
+        self.lost: str | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- setup
+
+    @classmethod
+    async def connect(cls, spec: NodeSpec | str, nursery: trio.Nursery) -> NbdClient:
+        """Connect, negotiate, and start the reader in `nursery`."""
+        if isinstance(spec, str):
+            spec = parse_uri(spec)
+        if spec.kind == "nbd+unix":
+            assert spec.socket is not None
+            sock = await connect_unix(spec.socket)
+            peer = f"unix:{spec.socket}"
+        elif spec.kind == "nbd":
+            assert spec.host is not None and spec.port is not None
+            sock = await connect_tcp(spec.host, spec.port)
+            peer = f"{spec.host}:{spec.port}"
+        else:
+            raise ValueError(f"{spec.uri}: not an NBD URI")
+        io = SocketIO(sock, peer)
+        try:
+            conn, info = await _handshake(io, spec.export)
+        except BaseException:
+            io.close()
+            raise
+        client = cls(io, conn, info, spec.uri)
+        nursery.start_soon(client._reader)
+        log.debug("%s: connected, size %d, flags %#x", spec.uri, info.size, info.flags)
+        return client
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def flags(self) -> int:
+        return self.info.flags
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- requests
+
+    async def _request(
+        self, cmd: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
+    ) -> object:
+        if self.lost is not None:
+            raise ConnectionLost(f"{self.name}: {self.lost}")
+        if self._closed:
+            raise ConnectionLost(f"{self.name}: client closed")
+        cookie = self._next_cookie
+        self._next_cookie = cookie + 1 if cookie < 0xFFFFFFFFFFFFFFFF else 1
+        waiter = _Waiter()
+        pending = self._pending
+        if not pending:
+            self._idle = trio.Event()
+        pending[cookie] = waiter
+        header = self.conn.request(cmd, cookie, offset, length, flags)
+        try:
+            if data is None:
+                await self.io.send_all(header)
+            else:
+                await self.io.send_all(header, data)
+        except BaseException as e:
+            self._forget(cookie)
+            if isinstance(e, ConnectionLost):
+                self._lose(str(e))
+            raise
+        try:
+            return await waiter.wait()
+        finally:
+            self._forget(cookie)
+
+    def _forget(self, cookie: int) -> None:
+        pending = self._pending
+        if pending.pop(cookie, None) is not None and not pending:
+            self._idle.set()
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        return await self._request(P.Cmd.READ, offset, length)  # type: ignore[return-value]
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        flags = P.CmdFlag.FUA if fua and self.flags & P.TransmissionFlag.SEND_FUA else 0
+        await self._request(P.Cmd.WRITE, offset, len(data), flags, data)
+        if fua and not flags:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.flags & P.TransmissionFlag.SEND_FLUSH:
+            await self._request(P.Cmd.FLUSH, 0, 0)
+
+    async def trim(self, offset: int, length: int) -> None:
+        if self.flags & P.TransmissionFlag.SEND_TRIM:
+            await self._request(P.Cmd.TRIM, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        if self.flags & P.TransmissionFlag.SEND_WRITE_ZEROES:
+            flags = 0 if may_trim else P.CmdFlag.NO_HOLE
+            await self._request(P.Cmd.WRITE_ZEROES, offset, length, flags)
+            return
+        step = 1 << 20
+        end = offset + length
+        while offset < end:
+            n = min(step, end - offset)
+            await self.pwrite(offset, bytes(n))
+            offset += n
+
+    async def aclose(self) -> None:
+        """Wait for requests in flight, send NBD_CMD_DISC, close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.lost is None:
+                with trio.move_on_after(5):
+                    await self._idle.wait()
+                with trio.move_on_after(1):
+                    await self.io.send_all(self.conn.request(P.Cmd.DISC, 0, 0, 0))
+        except OSError:
+            pass
+        finally:
+            self._lose("client closed")
+            self.io.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (no DISC); requests in flight fail."""
+        self._closed = True
+        self._lose("connection aborted")
+        self.io.close()
+
+    # -- reader
+
+    def _lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        err = outcome.Error(ConnectionLost(f"{self.name}: {self.lost}"))
+        for waiter in list(self._pending.values()):
+            waiter.set(err)
+
+    async def _reader(self) -> None:
+        io = self.io
+        conn = self.conn
+        pending = self._pending
+        buf = memoryview(bytearray(256 * 1024))
+        try:
+            while True:
+                pb = conn.payload_buffer()
+                if pb is not None and len(pb) >= 65536:
+                    n = await io.recv_into(pb)
+                    if n:
+                        conn.payload_received(n)
+                else:
+                    n = await io.recv_into(buf)
+                    if n:
+                        conn.receive_data(buf[:n])
+                if not n:
+                    raise ConnectionLost("server closed the connection")
+                while (ev := conn.next_event()) is not None:
+                    if type(ev) is not P.SimpleReply:
+                        raise P.ProtocolError(f"unexpected {type(ev).__name__} from server")
+                    waiter = pending.get(ev.cookie)
+                    if waiter is None:
+                        log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+                        continue
+                    if ev.error:
+                        err = P.nbd_to_errno(ev.error)
+                        waiter.set(outcome.Error(OSError(err, f"{self.name}: {os.strerror(err)}")))
+                    else:
+                        waiter.set(outcome.Value(ev.data))
+        except (OSError, P.ProtocolError, trio.ClosedResourceError) as e:
+            if not self._closed:
+                log.warning("%s: connection lost: %s", self.name, e)
+            self._lose(str(e) or type(e).__name__)
+            io.close()
+
+
+async def _recv_event(io: SocketIO, conn: P.ClientConnection) -> object:
+    buf = memoryview(bytearray(65536))
+    while (ev := conn.next_event()) is None:
+        n = await io.recv_into(buf)
+        if not n:
+            raise ConnectionLost(f"{io.peer}: server closed the connection during handshake")
+        conn.receive_data(buf[:n])
+    return ev
+
+
+async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.ExportInfo]:
+    conn = P.ClientConnection()
+    greeting = await _recv_event(io, conn)
+    assert isinstance(greeting, P.ServerGreeting)
+    if not greeting.flags & P.HandshakeFlag.FIXED_NEWSTYLE:
+        raise NbdError(errno.EPROTO, f"{io.peer}: server does not offer fixed newstyle")
+    flags = P.ClientFlag.FIXED_NEWSTYLE
+    if greeting.flags & P.HandshakeFlag.NO_ZEROES:
+        flags |= P.ClientFlag.NO_ZEROES
+    await io.send_all(conn.client_flags_message(flags))
+    await io.send_all(conn.option(P.Opt.GO, P.encode_go_data(export, (P.Info.BLOCK_SIZE,))))
+    info: P.ExportInfo | None = None
+    while True:
+        ev = await _recv_event(io, conn)
+        assert isinstance(ev, P.OptionReply)
+        if ev.rep == P.Rep.INFO:
+            info = P.apply_info(info, ev.data)
+        elif ev.rep == P.Rep.ACK:
+            if info is None or info.size < 0:
+                raise P.ProtocolError("server accepted GO without NBD_INFO_EXPORT")
+            return conn, info
+        elif ev.rep == P.Rep.ERR_UNSUP:
+            break  # an old server: fall back to EXPORT_NAME
+        else:
+            msg = bytes(ev.data).decode(errors="replace")
+            try:
+                rep = P.Rep(ev.rep).name
+            except ValueError:
+                rep = hex(ev.rep)
+            err = errno.ENOENT if ev.rep == P.Rep.ERR_UNKNOWN else errno.EPROTO
+            raise NbdError(err, f"{io.peer}: export {export!r} refused: {rep} {msg}".strip())
+    await io.send_all(conn.option(P.Opt.EXPORT_NAME, export.encode()))
+    ev = await _recv_event(io, conn)
+    assert isinstance(ev, P.ExportNameReply)
+    return conn, P.ExportInfo(size=ev.size, flags=ev.flags)
+
+
+@asynccontextmanager
+async def open_client(spec: NodeSpec | str) -> AsyncIterator[NbdClient]:
+    """`async with open_client("nbd://host:port/export") as c:` — for tools
+    and tests; closes (DISC) on exit."""
+    async with trio.open_nursery() as nursery:
+        client = await NbdClient.connect(spec, nursery)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()

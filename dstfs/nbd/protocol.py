@@ -1,0 +1,744 @@
+"""Sans-I/O codec of the NBD protocol (fixed newstyle handshake, simple and
+structured replies).
+
+Rules of this module:
+- Bytes in, events out; events in, bytes out. No sockets, no trio, no clocks.
+- Two connection objects, one per role: `ServerConnection` decodes what a
+  client sends and encodes what a server sends; `ClientConnection` the other
+  way round. Each tracks the phase (handshake, options, transmission) so the
+  caller cannot decode a message in the wrong phase.
+- Decoders never buffer without bound: option data over `MAX_OPTION_DATA` and
+  write payloads over `MAX_PAYLOAD` are reported and then discarded as they
+  stream past, never stored.
+- A violation of the protocol raises `ProtocolError`; the caller must drop
+  the connection (the spec allows a hard disconnect for it).
+- Payloads (READ replies on the client, WRITE requests on the server) are
+  collected into one bytearray per message that the I/O layer may fill in
+  place (`payload_buffer()` / `payload_received()`), so a 1 MiB payload is
+  copied once, from the kernel into its final buffer.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import struct
+
+import attrs
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+#: Largest READ/WRITE payload we accept or send (the spec's default maximum).
+MAX_PAYLOAD = 32 * 1024 * 1024
+#: Largest option data we keep; options carry names (<= 4096) and small lists.
+MAX_OPTION_DATA = 64 * 1024
+#: The spec's limit on strings (export names, descriptions).
+MAX_STRING = 4096
+
+
+class HandshakeFlag(enum.IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class ClientFlag(enum.IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class TransmissionFlag(enum.IntFlag):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+    SEND_RESIZE = 1 << 9
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
+
+
+class Opt(enum.IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    PEEK_EXPORT = 4
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+class Rep(enum.IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    META_CONTEXT = 4
+    ERR_UNSUP = 2**31 + 1
+    ERR_POLICY = 2**31 + 2
+    ERR_INVALID = 2**31 + 3
+    ERR_PLATFORM = 2**31 + 4
+    ERR_TLS_REQD = 2**31 + 5
+    ERR_UNKNOWN = 2**31 + 6
+    ERR_SHUTDOWN = 2**31 + 7
+    ERR_BLOCK_SIZE_REQD = 2**31 + 8
+    ERR_TOO_BIG = 2**31 + 9
+    ERR_EXT_HEADER_REQD = 2**31 + 10
+
+
+def rep_is_error(rep: int) -> bool:
+    return bool(rep & 2**31)
+
+
+class Info(enum.IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class Cmd(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+    RESIZE = 8
+
+
+class CmdFlag(enum.IntFlag):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+
+
+REPLY_FLAG_DONE = 1
+
+
+class ReplyType(enum.IntEnum):
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = 2**15 + 1
+    ERROR_OFFSET = 2**15 + 2
+
+
+def reply_type_is_error(reply_type: int) -> bool:
+    return bool(reply_type & 2**15)
+
+
+# NBD error values are the Linux errno numbers for this fixed set.
+NBD_ERRORS = frozenset(
+    {
+        _errno.EPERM,
+        _errno.EIO,
+        _errno.ENOMEM,
+        _errno.EINVAL,
+        _errno.ENOSPC,
+        _errno.EOVERFLOW,
+        _errno.ENOTSUP,
+        _errno.ESHUTDOWN,
+    }
+)
+
+
+def errno_to_nbd(err: int) -> int:
+    """The NBD error to send for a local errno (the spec's mapping rules)."""
+    if err in NBD_ERRORS:
+        return err
+    if err in (_errno.EDQUOT, _errno.EFBIG):
+        return _errno.ENOSPC
+    if err in (_errno.EROFS, _errno.EACCES):
+        return _errno.EPERM
+    if err == _errno.EOPNOTSUPP:
+        return _errno.ENOTSUP
+    return _errno.EIO
+
+
+def nbd_to_errno(err: int) -> int:
+    """The local errno for an NBD error; unknown values are treated as EIO."""
+    return err if err in NBD_ERRORS else _errno.EIO
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must be dropped."""
+
+
+# ---------------------------------------------------------------- events
+
+
+@attrs.frozen
+class ServerGreeting:
+    flags: int
+
+
+@attrs.frozen
+class ClientFlags:
+    flags: int
+
+
+@attrs.frozen
+class Option:
+    opt: int
+    data: bytes
+
+
+@attrs.frozen
+class OptionTooBig:
+    """An option whose data exceeded MAX_OPTION_DATA; its data is discarded."""
+
+    opt: int
+    length: int
+
+
+@attrs.frozen
+class OptionReply:
+    opt: int
+    rep: int
+    data: bytes
+
+
+@attrs.frozen
+class ExportNameReply:
+    size: int
+    flags: int
+
+
+@attrs.frozen
+class Request:
+    """A transmission request. `data` is the WRITE payload (None when the
+    payload exceeded MAX_PAYLOAD and was discarded, b"" for other commands)."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+    data: bytes | bytearray | None = b""
+
+
+@attrs.frozen
+class SimpleReply:
+    cookie: int
+    error: int
+    data: bytes | bytearray = b""
+
+
+@attrs.frozen
+class StructuredChunk:
+    flags: int
+    type: int
+    cookie: int
+    payload: bytes | bytearray
+
+
+@attrs.frozen
+class ExportInfo:
+    """What GO/INFO/EXPORT_NAME tell about an export."""
+
+    size: int
+    flags: int
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_payload: int = MAX_PAYLOAD
+    name: str | None = None
+    description: str | None = None
+
+
+# ---------------------------------------------------------------- encoders
+
+_GREETING = struct.Struct(">QQH")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_OPTION = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
+_EXPORT_NAME_REPLY = struct.Struct(">QH")
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_STRUCTURED = struct.Struct(">IHHQI")
+_INFO_EXPORT = struct.Struct(">HQH")
+_INFO_BLOCK_SIZE = struct.Struct(">HIII")
+_OFFSET = struct.Struct(">Q")
+_ERROR_CHUNK = struct.Struct(">IH")
+
+
+def encode_go_data(name: str, info_requests: tuple[int, ...] = ()) -> bytes:
+    """Data of NBD_OPT_GO / NBD_OPT_INFO."""
+    raw = name.encode()
+    return (
+        _U32.pack(len(raw))
+        + raw
+        + _U16.pack(len(info_requests))
+        + b"".join(_U16.pack(i) for i in info_requests)
+    )
+
+
+def decode_go_data(data: bytes) -> tuple[str, tuple[int, ...]]:
+    """Parse NBD_OPT_GO / NBD_OPT_INFO data; ValueError if malformed."""
+    if len(data) < 6:
+        raise ValueError("option data too short")
+    (name_len,) = _U32.unpack_from(data, 0)
+    if name_len > len(data) - 6 or name_len > MAX_STRING:
+        raise ValueError("export name length out of range")
+    name = bytes(data[4 : 4 + name_len]).decode("utf-8")
+    (count,) = _U16.unpack_from(data, 4 + name_len)
+    rest = data[6 + name_len :]
+    if len(rest) != 2 * count:
+        raise ValueError("information request list has the wrong length")
+    return name, tuple(_U16.unpack_from(rest, 2 * i)[0] for i in range(count))
+
+
+def encode_info_export(size: int, flags: int) -> bytes:
+    return _INFO_EXPORT.pack(Info.EXPORT, size, flags)
+
+
+def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
+    return _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
+
+
+def encode_info_string(kind: int, text: str) -> bytes:
+    return _U16.pack(kind) + text.encode()
+
+
+def encode_rep_server(name: str, description: str = "") -> bytes:
+    raw = name.encode()
+    return _U32.pack(len(raw)) + raw + description.encode()
+
+
+def decode_rep_server(data: bytes) -> tuple[str, str]:
+    if len(data) < 4:
+        raise ValueError("NBD_REP_SERVER too short")
+    (n,) = _U32.unpack_from(data, 0)
+    if n > len(data) - 4:
+        raise ValueError("NBD_REP_SERVER name length out of range")
+    return bytes(data[4 : 4 + n]).decode(), bytes(data[4 + n :]).decode()
+
+
+def apply_info(info: ExportInfo | None, data: bytes) -> ExportInfo | None:
+    """Fold one NBD_REP_INFO payload into what is known of the export.
+    Unknown information types are ignored, as the spec requires."""
+    if len(data) < 2:
+        raise ProtocolError("NBD_REP_INFO without a type")
+    (kind,) = _U16.unpack_from(data, 0)
+    if kind == Info.EXPORT:
+        if len(data) != 12:
+            raise ProtocolError("NBD_INFO_EXPORT must be 12 bytes")
+        _, size, flags = _INFO_EXPORT.unpack(data)
+        if info is None:
+            return ExportInfo(size=size, flags=flags)
+        return attrs.evolve(info, size=size, flags=flags)
+    base = info if info is not None else ExportInfo(size=-1, flags=0)
+    if kind == Info.BLOCK_SIZE:
+        if len(data) != 14:
+            raise ProtocolError("NBD_INFO_BLOCK_SIZE must be 14 bytes")
+        _, mn, pref, mx = _INFO_BLOCK_SIZE.unpack(data)
+        return attrs.evolve(base, min_block=mn, preferred_block=pref, max_payload=mx)
+    if kind == Info.NAME:
+        return attrs.evolve(base, name=bytes(data[2:]).decode(errors="replace"))
+    if kind == Info.DESCRIPTION:
+        return attrs.evolve(base, description=bytes(data[2:]).decode(errors="replace"))
+    return info
+
+
+def encode_error_chunk_payload(error: int, message: str = "") -> bytes:
+    raw = message.encode()[:MAX_STRING]
+    return _ERROR_CHUNK.pack(error, len(raw)) + raw
+
+
+def decode_error_chunk_payload(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 6:
+        raise ProtocolError("error chunk too short")
+    error, n = _ERROR_CHUNK.unpack_from(payload, 0)
+    if 6 + n > len(payload):
+        raise ProtocolError("error chunk message overruns the chunk")
+    return error, bytes(payload[6 : 6 + n]).decode(errors="replace")
+
+
+# ---------------------------------------------------------------- decoding core
+
+
+class _Decoder:
+    """Shared buffer handling: fixed-size headers from a bytearray, payloads
+    straight into their own bytearray, discards without storing."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._discard = 0
+        self._closed = False
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._discard:
+            n = min(self._discard, len(data))
+            self._discard -= n
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        if self._payload is not None:
+            want = len(self._payload) - self._filled
+            n = min(want, len(data))
+            self._payload[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        self._buf += data
+
+    def payload_buffer(self) -> memoryview | None:
+        """A writable view of the rest of the payload being received, or None.
+        Fill it (e.g. with recv_into) and call `payload_received(n)`."""
+        if self._payload is None or self._buf:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, n: int) -> None:
+        assert self._payload is not None and self._filled + n <= len(self._payload)
+        self._filled += n
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (for bounds checks and tests)."""
+        return len(self._buf)
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) < n:
+            return None
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _start_payload(self, n: int) -> None:
+        self._payload = bytearray(n)
+        k = min(n, len(self._buf))
+        if k:
+            self._payload[:k] = self._buf[:k]
+            del self._buf[:k]
+        self._filled = k
+
+    def _payload_done(self) -> bytearray | None:
+        """The payload if it is complete (and reset), else None."""
+        p = self._payload
+        if p is None or self._filled < len(p):
+            return None
+        self._payload = None
+        self._filled = 0
+        return p
+
+    def _start_discard(self, n: int) -> None:
+        k = min(n, len(self._buf))
+        del self._buf[:k]
+        self._discard = n - k
+
+
+class _Phase(enum.Enum):
+    GREETING = "greeting"
+    CLIENT_FLAGS = "client-flags"
+    OPTIONS = "options"
+    EXPORT_NAME_REPLY = "export-name-reply"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------- server side
+
+
+class ServerConnection(_Decoder):
+    """The server's end: decodes client bytes, encodes server messages.
+
+    Usage: send `greeting()`, feed received bytes with `receive_data()`, and
+    pull events with `next_event()` until it returns None (needs more data).
+    """
+
+    def __init__(
+        self, handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+    ):
+        super().__init__()
+        self.handshake_flags = handshake_flags
+        self.phase = _Phase.CLIENT_FLAGS
+        self.client_flags = 0
+        self.structured_replies = False
+        self._request: tuple[int, int, int, int, int] | None = None
+
+    def greeting(self) -> bytes:
+        return _GREETING.pack(NBDMAGIC, IHAVEOPT, self.handshake_flags)
+
+    def next_event(self) -> ClientFlags | Option | OptionTooBig | Request | None:
+        if self.phase is _Phase.CLIENT_FLAGS:
+            raw = self._take(4)
+            if raw is None:
+                return None
+            (flags,) = _U32.unpack(raw)
+            known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+            if flags & ~known:
+                raise ProtocolError(f"unknown client flags {flags:#x}")
+            if flags & ClientFlag.NO_ZEROES and not (
+                self.handshake_flags & HandshakeFlag.NO_ZEROES
+            ):
+                raise ProtocolError("client set NO_ZEROES that the server did not offer")
+            self.client_flags = flags
+            self.phase = _Phase.OPTIONS
+            return ClientFlags(flags)
+        if self.phase is _Phase.OPTIONS:
+            return self._next_option()
+        if self.phase is _Phase.TRANSMISSION:
+            return self._next_request()
+        return None
+
+    def _next_option(self) -> Option | OptionTooBig | None:
+        if self._payload is not None:
+            data = self._payload_done()
+            if data is None:
+                return None
+            opt = self._option_opt
+            return Option(opt, bytes(data))
+        raw = self._take(16)
+        if raw is None:
+            return None
+        magic, opt, length = _OPTION.unpack(raw)
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION_DATA:
+            self._start_discard(length)
+            return OptionTooBig(opt, length)
+        if opt == Opt.EXPORT_NAME and length > MAX_STRING:
+            raise ProtocolError("export name too long")
+        self._option_opt = opt
+        self._start_payload(length)
+        return self._next_option()
+
+    def _next_request(self) -> Request | None:
+        if self._request is not None:
+            data = self._payload_done()
+            if data is None:
+                return None
+            flags, cmd, cookie, offset, length = self._request
+            self._request = None
+            return Request(flags, cmd, cookie, offset, length, data)
+        raw = self._take(28)
+        if raw is None:
+            return None
+        magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(raw)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if cmd == Cmd.WRITE:
+            if length > MAX_PAYLOAD:
+                self._start_discard(length)
+                return Request(flags, cmd, cookie, offset, length, None)
+            self._request = (flags, cmd, cookie, offset, length)
+            self._start_payload(length)
+            return self._next_request()
+        if cmd == Cmd.DISC:
+            self.phase = _Phase.CLOSED
+        return Request(flags, cmd, cookie, offset, length)
+
+    # -- encoders
+
+    def option_reply(self, opt: int, rep: int, data: bytes = b"") -> bytes:
+        if self.phase is not _Phase.OPTIONS:
+            raise RuntimeError(f"option reply in phase {self.phase.value}")
+        if rep == Rep.ACK:
+            if opt == Opt.GO:
+                self.phase = _Phase.TRANSMISSION
+            elif opt == Opt.STRUCTURED_REPLY:
+                self.structured_replies = True
+            elif opt == Opt.ABORT:
+                self.phase = _Phase.CLOSED
+        return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data
+
+    def export_name_reply(self, size: int, flags: int) -> bytes:
+        if self.phase is not _Phase.OPTIONS:
+            raise RuntimeError(f"export name reply in phase {self.phase.value}")
+        self.phase = _Phase.TRANSMISSION
+        out = _EXPORT_NAME_REPLY.pack(size, flags)
+        if not self.client_flags & ClientFlag.NO_ZEROES:
+            out += bytes(124)
+        return out
+
+    def simple_reply_header(self, cookie: int, error: int = 0) -> bytes:
+        """Header of a simple reply; a successful READ's data follows it."""
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+    def chunk_header(self, flags: int, reply_type: int, cookie: int, length: int) -> bytes:
+        if not self.structured_replies:
+            raise RuntimeError("structured replies were not negotiated")
+        return _STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length)
+
+    def read_data_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """Header before `length` bytes of READ data, in whichever reply
+        style was negotiated (one final OFFSET_DATA chunk if structured)."""
+        if self.structured_replies:
+            return self.chunk_header(
+                REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, cookie, 8 + length
+            ) + _OFFSET.pack(offset)
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
+        """A failed request's reply (an ERROR chunk if structured replies)."""
+        if self.structured_replies:
+            payload = encode_error_chunk_payload(error, message)
+            return self.chunk_header(REPLY_FLAG_DONE, ReplyType.ERROR, cookie, len(payload)) + (
+                payload
+            )
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+# ---------------------------------------------------------------- client side
+
+
+class ClientConnection(_Decoder):
+    """The client's end: decodes server bytes, encodes client messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = _Phase.GREETING
+        self.server_flags = 0
+        self.client_flags = 0
+        self._last_opt: int | None = None
+        self._reads: dict[int, int] = {}
+        self._reply: tuple[int, ...] | None = None
+        self.structured_replies = False
+
+    # -- encoders
+
+    def client_flags_message(self, flags: int) -> bytes:
+        if self.phase is not _Phase.CLIENT_FLAGS:
+            raise RuntimeError("client flags before the server greeting")
+        self.client_flags = flags
+        self.phase = _Phase.OPTIONS
+        return _U32.pack(flags)
+
+    def option(self, opt: int, data: bytes = b"") -> bytes:
+        if self.phase is not _Phase.OPTIONS or self._last_opt is not None:
+            raise RuntimeError("an option must wait for the final reply to the previous one")
+        if opt == Opt.EXPORT_NAME:
+            self.phase = _Phase.EXPORT_NAME_REPLY
+        else:
+            self._last_opt = opt
+        return _OPTION.pack(IHAVEOPT, opt, len(data)) + data
+
+    def request(self, cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+        """A request header; a WRITE's `length` bytes of data must follow it."""
+        if self.phase is not _Phase.TRANSMISSION:
+            raise RuntimeError(f"request in phase {self.phase.value}")
+        if cmd == Cmd.READ:
+            self._reads[cookie] = length
+        elif cmd == Cmd.DISC:
+            self.phase = _Phase.CLOSED
+        return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+    # -- decoding
+
+    def next_event(
+        self,
+    ) -> ServerGreeting | OptionReply | ExportNameReply | SimpleReply | StructuredChunk | None:
+        phase = self.phase
+        if phase is _Phase.TRANSMISSION or phase is _Phase.CLOSED:
+            return self._next_reply()
+        if phase is _Phase.GREETING:
+            raw = self._take(18)
+            if raw is None:
+                return None
+            magic, ihaveopt, flags = _GREETING.unpack(raw)
+            if magic != NBDMAGIC:
+                raise ProtocolError(f"bad server magic {magic:#x}")
+            if ihaveopt != IHAVEOPT:
+                raise ProtocolError("server does not speak newstyle negotiation")
+            self.server_flags = flags
+            self.phase = _Phase.CLIENT_FLAGS
+            return ServerGreeting(flags)
+        if phase is _Phase.OPTIONS:
+            return self._next_option_reply()
+        if phase is _Phase.EXPORT_NAME_REPLY:
+            n = 10 if self.client_flags & ClientFlag.NO_ZEROES else 134
+            raw = self._take(n)
+            if raw is None:
+                return None
+            size, flags = _EXPORT_NAME_REPLY.unpack_from(raw)
+            self.phase = _Phase.TRANSMISSION
+            return ExportNameReply(size, flags)
+        return None
+
+    def _next_option_reply(self) -> OptionReply | None:
+        if self._reply is not None:
+            data = self._payload_done()
+            if data is None:
+                return None
+            opt, rep = self._reply
+            self._reply = None
+            if rep != Rep.SERVER and rep != Rep.INFO:  # final reply to this option
+                self._last_opt = None
+                if opt == Opt.GO and rep == Rep.ACK:
+                    self.phase = _Phase.TRANSMISSION
+                elif opt == Opt.STRUCTURED_REPLY and rep == Rep.ACK:
+                    self.structured_replies = True
+            return OptionReply(opt, rep, bytes(data))
+        raw = self._take(20)
+        if raw is None:
+            return None
+        magic, opt, rep, length = _OPTION_REPLY.unpack(raw)
+        if magic != OPTION_REPLY_MAGIC:
+            raise ProtocolError(f"bad option reply magic {magic:#x}")
+        if opt != self._last_opt:
+            raise ProtocolError(f"reply to option {opt} that was not asked")
+        if length > MAX_OPTION_DATA:
+            raise ProtocolError(f"option reply of {length} bytes is too big")
+        self._reply = (opt, rep)
+        self._start_payload(length)
+        return self._next_option_reply()
+
+    def _next_reply(self) -> SimpleReply | StructuredChunk | None:
+        if self._reply is not None:
+            data = self._payload_done()
+            if data is None:
+                return None
+            reply = self._reply
+            self._reply = None
+            if len(reply) == 2:
+                return SimpleReply(reply[0], 0, data)
+            return StructuredChunk(reply[0], reply[1], reply[2], data)
+        buf = self._buf
+        if len(buf) < 16:
+            return None
+        (magic,) = _U32.unpack_from(buf, 0)
+        if magic == SIMPLE_REPLY_MAGIC:
+            _, error, cookie = _SIMPLE_REPLY.unpack_from(buf, 0)
+            del buf[:16]
+            length = self._reads.pop(cookie, None)
+            if length is None or error:
+                return SimpleReply(cookie, error)
+            self._reply = (cookie, 0)
+            self._start_payload(length)
+            return self._next_reply()
+        if magic == STRUCTURED_REPLY_MAGIC:
+            if len(buf) < 20:
+                return None
+            _, flags, rtype, cookie, length = _STRUCTURED.unpack_from(buf, 0)
+            if length > MAX_PAYLOAD + 8:
+                raise ProtocolError(f"structured reply of {length} bytes is too big")
+            del buf[:20]
+            if flags & REPLY_FLAG_DONE:
+                self._reads.pop(cookie, None)
+            self._reply = (flags, rtype, cookie)
+            self._start_payload(length)
+            return self._next_reply()
+        raise ProtocolError(f"bad reply magic {magic:#x}")

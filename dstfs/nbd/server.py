@@ -1,0 +1,368 @@
+"""A trio NBD server exporting one backend (a file or block device).
+
+Rules:
+- Fixed newstyle only. Options: EXPORT_NAME, ABORT, LIST, INFO, GO (with
+  NBD_INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY; every
+  other option gets NBD_REP_ERR_UNSUP and the handshake goes on.
+- Requests are served in order as they are decoded, so a connection buffers
+  at most one request (<= MAX_PAYLOAD) however fast the client sends; FLUSH
+  and FUA writes, which wait on the disk, run as their own tasks so reads
+  and writes behind them go on. Replies may thus leave out of order.
+- A request the server will not do (past the end, too big, on a read-only
+  export, unknown command) gets an NBD error reply; a protocol violation
+  (bad magic, unknown client flags) drops that connection only. The server
+  never crashes for a client, and keeps serving the others.
+- CAN_MULTI_CONN is advertised: every connection shares one file descriptor,
+  so a FLUSH on one covers writes acknowledged on all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from dstfs.backends.base import Backend, ConnectionLost
+from dstfs.nbd import protocol as P
+from dstfs.nbd.sockio import SocketIO
+
+log = logging.getLogger(__name__)
+
+PREFERRED_BLOCK = 4096
+
+
+@attrs.define
+class Export:
+    name: str
+    backend: Backend
+    read_only: bool = False
+    description: str = ""
+
+    @property
+    def flags(self) -> int:
+        T = P.TransmissionFlag
+        flags = T.HAS_FLAGS | T.SEND_FLUSH | T.SEND_FUA | T.CAN_MULTI_CONN
+        if self.read_only:
+            flags |= T.READ_ONLY
+        else:
+            flags |= T.SEND_TRIM | T.SEND_WRITE_ZEROES
+        return int(flags)
+
+
+@attrs.define
+class ServerStats:
+    connections: int = 0
+    active: int = 0
+    requests: int = 0
+    errors: int = 0
+    protocol_errors: int = 0
+
+
+class NbdServer:
+    """Serves `exports` (the first is the default, reached by the empty name)."""
+
+    def __init__(self, exports: Sequence[Export]) -> None:
+        if not exports:
+            raise ValueError("an NBD server needs at least one export")
+        self.exports = {e.name: e for e in exports}
+        self.default = exports[0]
+        self.stats = ServerStats()
+
+    def find(self, name: str) -> Export | None:
+        if name == "":
+            return self.default
+        return self.exports.get(name)
+
+    async def serve_tcp(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        await self._serve(listeners, task_status)
+
+    async def serve_unix(
+        self,
+        path: str,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)
+        await sock.bind(path)
+        sock.listen(128)
+        try:
+            await self._serve([trio.SocketListener(sock)], task_status)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(listeners)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                tsock = stream.socket
+                # Take the raw socket out of trio's wrapper for the fast path.
+                raw = socket.socket(fileno=os.dup(tsock.fileno()))
+                await stream.aclose()
+                try:
+                    peer = raw.getpeername()
+                except OSError:
+                    raw.close()
+                    continue
+                if raw.family in (socket.AF_INET, socket.AF_INET6):
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    peer = f"{peer[0]}:{peer[1]}"
+                else:
+                    peer = f"unix:{peer or '?'}"
+                nursery.start_soon(self.handle, SocketIO(raw, peer))
+
+    async def handle(self, io: SocketIO) -> None:
+        """Serve one client until it disconnects; never raises for its sake."""
+        self.stats.connections += 1
+        self.stats.active += 1
+        log.info("%s: client connected", io.peer)
+        try:
+            await _Session(self, io).run()
+        except P.ProtocolError as e:
+            self.stats.protocol_errors += 1
+            log.warning("%s: protocol error, disconnecting: %s", io.peer, e)
+        except ConnectionLost as e:
+            log.info("%s: client gone: %s", io.peer, e)
+        except OSError as e:
+            log.warning("%s: I/O error, disconnecting: %s", io.peer, e)
+        finally:
+            self.stats.active -= 1
+            io.close()
+            log.info("%s: client disconnected", io.peer)
+
+
+class _Disconnect(Exception):
+    pass
+
+
+class _Session:
+    def __init__(self, server: NbdServer, io: SocketIO) -> None:
+        self.server = server
+        self.io = io
+        self.conn = P.ServerConnection()
+        self.export: Export | None = None
+        self.buf = memoryview(bytearray(256 * 1024))
+
+    async def run(self) -> None:
+        await self.io.send_all(self.conn.greeting())
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                await self._loop()
+            except _Disconnect:
+                pass
+            except (P.ProtocolError, OSError) as e:
+                error = e  # raised outside the nursery, so not wrapped in a group
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _fill(self) -> None:
+        conn = self.conn
+        pb = conn.payload_buffer()
+        if pb is not None and len(pb) >= 65536:
+            n = await self.io.recv_into(pb)
+            if n:
+                conn.payload_received(n)
+        else:
+            n = await self.io.recv_into(self.buf)
+            if n:
+                conn.receive_data(self.buf[:n])
+        if not n:
+            raise ConnectionLost("client closed the connection")
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is None:
+                await self._fill()
+                continue
+            if type(ev) is P.Request:
+                if not await self._request(ev):
+                    return
+            elif type(ev) is P.Option:
+                await self._option(ev)
+            elif type(ev) is P.OptionTooBig:
+                log.warning("%s: option %d with %d bytes refused", self.io.peer, ev.opt, ev.length)
+                await self._reply(ev.opt, P.Rep.ERR_TOO_BIG, b"option data too large")
+            elif type(ev) is P.ClientFlags:
+                pass
+
+    async def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        await self.io.send_all(self.conn.option_reply(opt, rep, data))
+
+    # -- handshake
+
+    async def _option(self, ev: P.Option) -> None:
+        opt, data, peer = ev.opt, ev.data, self.io.peer
+        if opt == P.Opt.EXPORT_NAME:
+            export = self.server.find(data.decode(errors="replace"))
+            if export is None:
+                log.warning("%s: unknown export %r, disconnecting", peer, data)
+                raise _Disconnect
+            self.export = export
+            await self.io.send_all(self.conn.export_name_reply(export.backend.size, export.flags))
+        elif opt == P.Opt.ABORT:
+            await self._reply(opt, P.Rep.ACK)
+            raise _Disconnect
+        elif opt == P.Opt.LIST:
+            if data:
+                await self._reply(opt, P.Rep.ERR_INVALID, b"LIST takes no data")
+                return
+            for e in self.server.exports.values():
+                await self._reply(opt, P.Rep.SERVER, P.encode_rep_server(e.name, e.description))
+            await self._reply(opt, P.Rep.ACK)
+        elif opt in (P.Opt.INFO, P.Opt.GO):
+            await self._info(opt, data)
+        elif opt == P.Opt.STRUCTURED_REPLY:
+            if data:
+                await self._reply(opt, P.Rep.ERR_INVALID, b"STRUCTURED_REPLY takes no data")
+            elif self.conn.structured_replies:
+                await self._reply(opt, P.Rep.ERR_INVALID, b"already negotiated")
+            else:
+                await self._reply(opt, P.Rep.ACK)
+        else:
+            log.info("%s: option %d not supported", peer, opt)
+            await self._reply(opt, P.Rep.ERR_UNSUP)
+
+    async def _info(self, opt: int, data: bytes) -> None:
+        try:
+            name, requests = P.decode_go_data(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            await self._reply(opt, P.Rep.ERR_INVALID, str(e).encode())
+            return
+        export = self.server.find(name)
+        if export is None:
+            await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return
+        await self._reply(opt, P.Rep.INFO, P.encode_info_export(export.backend.size, export.flags))
+        await self._reply(
+            opt, P.Rep.INFO, P.encode_info_block_size(1, PREFERRED_BLOCK, P.MAX_PAYLOAD)
+        )
+        if P.Info.NAME in requests:
+            await self._reply(opt, P.Rep.INFO, P.encode_info_string(P.Info.NAME, export.name))
+        if P.Info.DESCRIPTION in requests and export.description:
+            await self._reply(
+                opt, P.Rep.INFO, P.encode_info_string(P.Info.DESCRIPTION, export.description)
+            )
+        if opt == P.Opt.GO:
+            self.export = export
+        await self._reply(opt, P.Rep.ACK)
+
+    # -- transmission
+
+    async def _error(self, req: P.Request, err: int, message: str) -> None:
+        self.server.stats.errors += 1
+        log.info(
+            "%s: cmd %d offset %d length %d: %s",
+            self.io.peer,
+            req.type,
+            req.offset,
+            req.length,
+            message,
+        )
+        await self.io.send_all(self.conn.error_reply(req.cookie, P.errno_to_nbd(err), message))
+
+    async def _request(self, req: P.Request) -> bool:
+        """Serve one request; False once the client disconnected cleanly."""
+        export = self.export
+        assert export is not None
+        self.server.stats.requests += 1
+        cmd = req.type
+        C = P.Cmd
+        if cmd == C.DISC:
+            log.info("%s: client sent DISC", self.io.peer)
+            return False
+        size = export.backend.size
+        if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE):
+            if req.offset + req.length > size:
+                err = errno.EINVAL if cmd in (C.READ, C.CACHE) else errno.ENOSPC
+                await self._error(req, err, f"request past the end of the {size}-byte export")
+                return True
+            if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):
+                await self._error(req, errno.EINVAL, f"request of {req.length} bytes is too big")
+                return True
+            if export.read_only and cmd != C.READ and cmd != C.CACHE:
+                await self._error(req, errno.EPERM, "export is read-only")
+                return True
+        backend = export.backend
+        try:
+            if cmd == C.READ:
+                data = await backend.pread(req.offset, req.length)
+                await self.io.send_all(
+                    self.conn.read_data_header(req.cookie, req.offset, req.length), data
+                )
+                return True
+            if cmd == C.WRITE:
+                assert req.data is not None
+                if req.flags & P.CmdFlag.FUA:
+                    await backend.pwrite(req.offset, req.data)
+                    self.nursery.start_soon(self._durable, req)
+                    return True
+                await backend.pwrite(req.offset, req.data)
+            elif cmd == C.FLUSH:
+                self.nursery.start_soon(self._durable, req)
+                return True
+            elif cmd == C.TRIM:
+                await backend.trim(req.offset, req.length)
+            elif cmd == C.WRITE_ZEROES:
+                await backend.write_zeroes(
+                    req.offset, req.length, may_trim=not req.flags & P.CmdFlag.NO_HOLE
+                )
+            elif cmd == C.CACHE:
+                pass
+            else:
+                await self._error(req, errno.EINVAL, f"unknown command {cmd}")
+                return True
+            if req.flags & P.CmdFlag.FUA and cmd != C.WRITE:
+                self.nursery.start_soon(self._durable, req)
+                return True
+        except ConnectionLost:
+            raise
+        except OSError as e:
+            await self._error(req, e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
+            return True
+        await self.io.send_all(self.conn.simple_reply_header(req.cookie))
+        return True
+
+    async def _durable(self, req: P.Request) -> None:
+        """Reply once what was written is on stable storage (FLUSH, FUA)."""
+        try:
+            assert self.export is not None
+            try:
+                await self.export.backend.flush()
+            except ConnectionLost:
+                raise
+            except OSError as e:
+                await self._error(req, e.errno or errno.EIO, f"flush failed: {e}")
+                return
+            await self.io.send_all(self.conn.simple_reply_header(req.cookie))
+        except ConnectionLost:
+            pass  # the reader sees the same and ends the session

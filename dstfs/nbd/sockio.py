@@ -1,0 +1,152 @@
+"""Thin trio I/O over a non-blocking stdlib socket, for the NBD hot path.
+
+Why not trio.SocketStream: each of its sends and receives is a full trip
+through the scheduler even when the kernel could take the bytes at once. Here
+a send tries the socket first and only waits when the kernel pushes back, and
+a receive waits only when nothing is there. Cancellation points remain where
+we wait; a send that is cut half way marks the socket broken, since the byte
+stream can no longer be trusted.
+
+Rules: one `SocketIO` per connection; sends are serialised by a lock (many
+tasks send requests or replies on one connection); there is one reader.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+
+from dstfs.backends.base import Buffer, ConnectionLost
+
+_IOV_MAX = 512
+
+
+class SocketIO:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = peer
+        self._send_lock = trio.StrictFIFOLock()
+        self.closed = False
+        self.broken: str | None = None
+
+    async def send_all(self, *bufs: Buffer) -> None:
+        """Send every byte of `bufs`, in order, as one unit on the stream."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self.broken is not None:
+                raise ConnectionLost(f"{self.peer}: {self.broken}")
+            sock = self.sock
+            try:
+                sent = sock.sendmsg(bufs)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                raise self._fail(f"send failed: {os.strerror(e.errno or errno.EIO)}") from None
+            total = sum(len(b) for b in bufs)
+            if sent == total:
+                return
+            await self._send_rest(bufs, sent)
+        finally:
+            lock.release()
+
+    async def _send_rest(self, bufs: tuple[Buffer, ...], sent: int) -> None:
+        views = [memoryview(b).cast("B") for b in bufs if len(b)]
+        try:
+            while True:
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if not views:
+                    return
+                if sent:
+                    views[0] = views[0][sent:]
+                    sent = 0
+                await trio.lowlevel.wait_writable(self.sock)
+                try:
+                    sent = self.sock.sendmsg(views[:_IOV_MAX])
+                except BlockingIOError:
+                    sent = 0
+        except OSError as e:
+            raise self._fail(f"send failed: {os.strerror(e.errno or errno.EIO)}") from None
+        except trio.ClosedResourceError:
+            raise self._fail("socket closed during send") from None
+        except BaseException:
+            # Cancelled with part of a message on the wire: the stream is lost.
+            self._fail("send interrupted")
+            raise
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Receive at least one byte into `buf`; 0 means the peer closed."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv_into(buf)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                raise ConnectionLost(f"{self.peer}: socket closed") from None
+
+    def _fail(self, reason: str) -> ConnectionLost:
+        if self.broken is None:
+            self.broken = reason
+        return ConnectionLost(f"{self.peer}: {reason}")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.broken is None:
+                self.broken = "closed"
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket with TCP_NODELAY."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            await _connect(sock, addr)
+        except OSError as e:
+            sock.close()
+            last = e
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+
+
+async def connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await _connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect(sock: socket.socket, addr: object) -> None:
+    sock.setblocking(False)
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        await trio.lowlevel.wait_writable(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {addr}: {os.strerror(err)}")

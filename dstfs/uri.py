@@ -1,0 +1,139 @@
+"""Node addresses: NBD URIs (nbd-uri.md) and local paths, parsed once into a
+frozen `NodeSpec`.
+
+Rules: parsing is pure and strict. Anything we cannot honour (an unknown
+scheme, a missing unix socket, TLS before it exists, a bad port or size) is a
+`ValueError` with a message fit for a user, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+
+import attrs
+
+DEFAULT_PORT = 10809
+SECTOR = 512
+
+
+@attrs.frozen
+class NodeSpec:
+    """Where a node's bytes live. `kind` is "nbd" (TCP), "nbd+unix" or "file"."""
+
+    kind: str
+    uri: str
+    host: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    export: str = ""
+    path: str | None = None
+    #: Sectors of the node the array may use (None: the whole device).
+    size: int | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.kind != "file"
+
+    def describe(self) -> str:
+        """The seed's `type` text: `R: host:port` or `L: /path`."""
+        if self.kind == "file":
+            return f"L: {self.path}"
+        if self.kind == "nbd+unix":
+            return f"R: unix:{self.socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"R: {host}:{self.port}"
+
+    def with_size(self, size: int | None) -> NodeSpec:
+        return attrs.evolve(self, size=size)
+
+    def to_text(self) -> str:
+        """Round-trips through `parse_node`."""
+        return self.uri if self.size is None else f"{self.uri},size={self.size}"
+
+
+def parse_uri(uri: str) -> NodeSpec:
+    """Parse an NBD URI or a local path (`file:///p` or a plain path)."""
+    uri = uri.strip()
+    if not uri:
+        raise ValueError("empty node address")
+    if "\x00" in uri or "\n" in uri:
+        raise ValueError("node address contains a control character")
+    if uri.startswith("/") or uri.startswith("./") or "://" not in uri:
+        if ":" in uri.split("/", 1)[0]:
+            raise ValueError(f"{uri!r}: not a URI (nbd://HOST:PORT/EXPORT) nor a path")
+        path = os.path.abspath(uri)
+        return NodeSpec(kind="file", uri=f"file://{urllib.parse.quote(path)}", path=path)
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri!r}: file URIs name a local path (file:///path)")
+        path = urllib.parse.unquote(parts.path)
+        if not path.startswith("/"):
+            raise ValueError(f"{uri!r}: file URI needs an absolute path")
+        return NodeSpec(kind="file", uri=uri, path=path)
+    if scheme in ("nbds", "nbds+unix"):
+        raise ValueError(f"{uri!r}: TLS (nbds) is not supported yet")
+    if scheme not in ("nbd", "nbd+unix"):
+        raise ValueError(f"{uri!r}: unknown scheme {scheme!r} (use nbd://, nbd+unix:// or file://)")
+    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if len(export.encode()) > 4096:
+        raise ValueError(f"{uri!r}: export name longer than 4096 bytes")
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if scheme == "nbd+unix":
+        sock = query.get("socket", [""])[0]
+        if not sock:
+            raise ValueError(f"{uri!r}: nbd+unix URIs need ?socket=PATH")
+        if parts.netloc:
+            raise ValueError(f"{uri!r}: nbd+unix URIs take no host")
+        return NodeSpec(kind="nbd+unix", uri=uri, socket=sock, export=export)
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{uri!r}: nbd URIs need a host (nbd://HOST[:PORT]/EXPORT)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{uri!r}: bad port") from None
+    if port is None:
+        port = DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise ValueError(f"{uri!r}: port out of range")
+    return NodeSpec(kind="nbd", uri=uri, host=host, port=port, export=export)
+
+
+def parse_node(text: str) -> NodeSpec:
+    """Parse `URI[,size=SECTORS]` or `URI size=SECTORS` (add_node syntax)."""
+    text = text.strip()
+    size: int | None = None
+    head, sep, opts = text.partition(",")
+    if not sep and " " in text:
+        head, _, opts = text.partition(" ")
+        sep = " "
+    if sep:
+        for item in opts.replace(" ", ",").split(","):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            if key != "size" or not eq:
+                raise ValueError(f"unknown node option {item!r} (only size=SECTORS)")
+            if not value.isdigit() or int(value) <= 0:
+                raise ValueError(f"size must be a positive number of sectors, not {value!r}")
+            size = int(value)
+    return parse_uri(head).with_size(size)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1G`, `512M`, `64K`, `4096` (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    if not t.isdigit():
+        raise ValueError(f"bad size {text!r} (e.g. 1G, 512M, 65536)")
+    value = int(t) * mult
+    if value <= 0:
+        raise ValueError(f"size must be positive, not {text!r}")
+    return value

@@ -1,0 +1,34 @@
+"""Shared fixtures. With DSTFS_REQUIRE_ALL=1 (set by .ci/run) a test that
+would skip for a missing tool or privilege fails instead: CI must run them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REQUIRE_ALL = os.environ.get("DSTFS_REQUIRE_ALL") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped under DSTFS_REQUIRE_ALL=1: {reason}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stale_namespaces() -> None:
+    try:
+        from netns import remove_stale_namespaces
+
+        remove_stale_namespaces()
+    except Exception:  # no ip(8) or no privilege: the netns tests will say so
+        pass
