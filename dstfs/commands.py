@@ -1,9 +1,330 @@
-"""Array commands of the CLI (mount, umount, status, suspend, ...)."""
+"""Array commands of the CLI: mount, umount, status, suspend, resume,
+migrate, target. Everything but mount works through the control files of
+a mounted array, exactly as a user with `cat` and `echo` would."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from dstfs import state
+from dstfs.algorithms import DEFAULT_CHUNK, make_algorithm
+from dstfs.cli import CliError
+from dstfs.uri import parse_node, parse_size
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+
+
+def _alg_name(text: str) -> str:
+    return text if text.startswith("alg_") else f"alg_{text}"
+
+
+def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayConfig:
+    """What to mount: the state dir's array, or a new one from the flags."""
+    from dstfs.daemon import default_config
+
+    try:
+        saved = state.load(state_dir)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    alg = _alg_name(args.alg) if args.alg else None
+    options = {"chunk": parse_size(args.chunk)} if args.chunk else {}
+    if saved is not None:
+        if args.node:
+            wanted = [parse_node(n).to_text() for n in args.node]
+            have = [e.uri for e in saved.nodes]
+            if wanted != have:
+                raise CliError(
+                    f"{state_dir} already holds array {saved.name!r} with other nodes; "
+                    "mount it without --node, or choose another --state"
+                )
+        if alg and alg != saved.alg:
+            raise CliError(f"{state_dir} holds a {saved.alg} array, not {alg}")
+        if args.name and args.name != saved.name:
+            raise CliError(f"{state_dir} holds array {saved.name!r}, not {args.name!r}")
+        return saved
+    name = args.name or "storage"
+    alg = alg or "alg_linear"
+    if alg == "alg_stripe" and "chunk" not in options:
+        options["chunk"] = DEFAULT_CHUNK
+    try:
+        make_algorithm(alg, [], **options)
+    except (ValueError, TypeError) as e:
+        raise CliError(str(e)) from None
+    if not args.node:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return default_config(name, state_dir)
+    try:
+        entries = tuple(state.NodeEntry(uri=parse_node(n).to_text()) for n in args.node)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return state.ArrayConfig(name=name, alg=alg, options=options, nodes=entries)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise CliError(f"{mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint}: already a mount point (busy)")
+    state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
+    state_dir = state_dir.absolute()
+    try:
+        config = _resolve_config(args, state_dir)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.foreground or args.ready_fd is not None:
+        return _run_daemon(args, mountpoint, config, state_dir)
+    return _spawn_daemon(args, mountpoint, state_dir)
+
+
+def _run_daemon(
+    args: argparse.Namespace, mountpoint: str, config: state.ArrayConfig, state_dir: Path
+) -> int:
+    from dstfs import daemon
+
+    failure: list[str] = []
+
+    def ready(message: str) -> None:
+        if message != "ok":
+            failure.append(message)
+            log.error("%s", message)
+        if args.ready_fd is not None:
+            try:
+                os.write(args.ready_fd, message.encode() + b"\n")
+                os.close(args.ready_fd)
+            except OSError:
+                pass
+            args.ready_fd = None
+
+    trio.run(lambda: daemon.run(mountpoint, config, state_dir, ready, connections=args.connections))
+    if failure:
+        raise CliError(failure[0])
+    return 0
+
+
+def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) -> int:
+    """Start the daemon in the background; return once it has mounted."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    logfile = state_dir / "daemon.log"
+    rfd, wfd = os.pipe()
+    argv = [sys.executable, "-m", "dstfs"]
+    argv += ["-v"] * max(args.verbose, 1)
+    argv += ["mount", mountpoint, "--state", str(state_dir), "--ready-fd", str(wfd)]
+    argv += ["--connections", str(args.connections)]
+    if args.name:
+        argv += ["--name", args.name]
+    if args.alg:
+        argv += ["--alg", args.alg]
+    if args.chunk:
+        argv += ["--chunk", args.chunk]
+    for n in args.node or ():
+        argv += ["--node", n]
+    with open(logfile, "ab") as log_out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+            pass_fds=(wfd,),
+            start_new_session=True,
+        )
+    os.close(wfd)
+    message = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    with os.fdopen(rfd, "rb") as r:
+        while time.monotonic() < deadline:
+            chunk = r.readline()
+            message = chunk.strip()
+            break
+    if message == b"ok":
+        sys.stdout.write(f"mounted {mountpoint}/disk.img (log: {logfile})\n")
+        return 0
+    proc.wait(10) if proc.poll() is None else None
+    if message:
+        raise CliError(message.decode(errors="replace"))
+    raise CliError(f"the daemon exited with status {proc.returncode}; see {logfile}")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from dstfs.daemon import read_registry
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    reg = read_registry(mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint}: not mounted")
+    res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        detail = res.stderr.strip()
+        if "busy" in detail.lower():
+            raise CliError(
+                f"{mountpoint} is busy: detach loop devices (losetup -d) and close disk.img first"
+            )
+        raise CliError(f"fusermount3 -u failed: {detail}")
+    if reg is not None:
+        pid = int(reg["pid"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise CliError(f"daemon {pid} did not exit after unmount")
+    return 0
+
+
+def _control(mountpoint: str, *parts: str) -> Path:
+    path = Path(mountpoint, *parts)
+    if not Path(mountpoint, "disk.img").exists():
+        raise CliError(f"{mountpoint}: no dstfs array mounted there")
+    return path
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().rstrip("\n")
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}") from None
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}") from None
+    try:
+        os.write(fd, (value + "\n").encode())
+    except OSError as e:
+        raise CliError(f"{path} <- {value!r}: {e.strerror} (see the daemon log)") from None
+    finally:
+        os.close(fd)
+
+
+def _node_dir(mountpoint: str, node: str) -> str:
+    name = node if node.startswith("n-") else f"n-{node}"
+    if not _control(mountpoint, name).is_dir():
+        raise CliError(f"{mountpoint}: no node {name}")
+    return name
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mnt = args.mountpoint
+    _control(mnt)
+    out = sys.stdout
+    out.write(f"array  {_read(Path(mnt, 'name'))}\n")
+    out.write(f"alg    {_read(Path(mnt, 'alg'))}\n")
+    size = int(_read(Path(mnt, "size")))
+    out.write(f"size   {size} sectors ({size * 512 / 2**30:.2f} GiB)\n")
+    rows = [("NODE", "STATE", "START", "SIZE", "READS", "WRITES", "ERR", "RECONN", "TARGET")]
+    for d in sorted(Path(mnt).glob("n-*"), key=lambda p: int(p.name[2:])):
+        st = dict(line.split(" ", 1) for line in _read(d / "stats").splitlines())
+        rows.append(
+            (
+                d.name,
+                _read(d / "state"),
+                _read(d / "start"),
+                _read(d / "size"),
+                st.get("reads", "?"),
+                st.get("writes", "?"),
+                st.get("errors", "?"),
+                st.get("reconnects", "?"),
+                _read(d / "type"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "suspend"), "1")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "suspend"), "0")
+    return 0
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "target"), args.uri)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    node = _node_dir(args.mountpoint, args.node)
+    path = _control(args.mountpoint, node, "migrate")
+    _write(path, args.uri)
+    if args.no_wait:
+        return 0
+    last = ""
+    while True:
+        status = _read(path)
+        if status != last:
+            sys.stdout.write(status + "\n")
+            sys.stdout.flush()
+            last = status
+        if status == "done":
+            return 0
+        if status.startswith("failed") or status == "idle":
+            raise CliError(f"migration of {node}: {status}")
+        time.sleep(0.5)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    pass
+    m = sub.add_parser("mount", help="mount an array (returns once mounted)")
+    m.add_argument("mountpoint")
+    m.add_argument("--name", help="array name (default: storage)")
+    m.add_argument("--alg", help="linear (default) or stripe")
+    m.add_argument("--chunk", help="stripe chunk size, a power of two >= 4K (default 64K)")
+    m.add_argument(
+        "--node",
+        action="append",
+        metavar="URI[,size=SECTORS]",
+        help="nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH, file:///PATH or a path",
+    )
+    m.add_argument("--state", metavar="DIR", help="state dir (default ~/.local/state/dstfs/NAME)")
+    m.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
+    m.add_argument("--connections", type=int, default=1, help="NBD connections per node")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="flush every node and unmount")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("status", help="show the array and its nodes")
+    s.add_argument("mountpoint")
+    s.set_defaults(func=cmd_status)
+
+    for name, func, helptext in (
+        ("suspend", cmd_suspend, "freeze one node's I/O (returns once drained)"),
+        ("resume", cmd_resume, "resume a suspended node"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("mountpoint")
+        p.add_argument("node", help="node directory (n-0) or its number")
+        p.set_defaults(func=func)
+    t = sub.add_parser("target", help="repoint a suspended node without copying")
+    t.add_argument("mountpoint")
+    t.add_argument("node")
+    t.add_argument("uri")
+    t.set_defaults(func=cmd_target)
+    g = sub.add_parser("migrate", help="live-copy a node to a new target, then switch")
+    g.add_argument("mountpoint")
+    g.add_argument("node")
+    g.add_argument("uri")
+    g.add_argument("--no-wait", action="store_true", help="start it and return")
+    g.set_defaults(func=cmd_migrate)

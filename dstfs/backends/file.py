@@ -51,6 +51,15 @@ def device_size(fd: int) -> int:
     return st.st_size
 
 
+def create_sparse(path: str, size: int) -> None:
+    """Create a sparse file of `size` bytes; FileExistsError if it exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 class FileBackend:
     """A file or block device opened read-write (or read-only)."""
 
@@ -76,12 +85,8 @@ class FileBackend:
 
     @classmethod
     def create(cls, path: str, size: int) -> FileBackend:
-        """Create a sparse file of `size` bytes if it is missing, then open it."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        """Create a sparse file of `size` bytes (it must not exist), then open it."""
+        create_sparse(path, size)
         return cls(path)
 
     @property

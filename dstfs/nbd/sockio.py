@@ -127,9 +127,25 @@ async def connect_tcp(host: str, port: int) -> socket.socket:
         except BaseException:
             sock.close()
             raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_tcp(sock)
         return sock
     raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+
+
+#: A link that swallows our packets for this long counts as broken (the
+#: kernel's own default is about 15 minutes of retransmissions).
+USER_TIMEOUT_MS = 5000
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    """No Nagle delay; notice a dead peer or a cut link within seconds, also
+    while we only wait for replies (keepalive probes count as unacked data)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 async def connect_unix(path: str) -> socket.socket:

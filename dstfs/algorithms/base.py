@@ -1,0 +1,66 @@
+"""The algorithm interface and the extent value it produces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+SECTOR = 512
+
+
+@attrs.frozen
+class Extent:
+    """One node's part of a request.
+
+    `length` bytes at `node_offset` on node `node` (an index into the node
+    list) hold the request's bytes at the buffer offsets in `segments`,
+    `(buffer_offset, length)` pairs in node order. Linear gives one segment;
+    a stripe gives one extent per node whose segments interleave.
+    """
+
+    node: int
+    node_offset: int
+    length: int
+    segments: tuple[tuple[int, int], ...]
+
+
+class Algorithm(Protocol):
+    #: The control tree name: alg_linear, alg_stripe, ...
+    name: str
+    #: Node directories are n-INDEX (True) or n-START_SECTOR (False).
+    named_by_index: bool
+
+    @property
+    def size(self) -> int:
+        """Disk size in bytes."""
+        ...
+
+    def map(self, offset: int, length: int, write: bool = False) -> list[Extent]:
+        """Extents covering [offset, offset+length), which must lie in the disk."""
+        ...
+
+    def node_ranges(self) -> list[tuple[int, int]]:
+        """(start, size) in sectors of each node's share, for `nodes` and `n-START`."""
+        ...
+
+    def used_bytes(self, node: int) -> int:
+        """How many bytes of node `node` (from its offset 0) the map uses."""
+        ...
+
+    def options(self) -> dict[str, int]:
+        """Parameters to persist (e.g. chunk), beside the node list."""
+        ...
+
+
+def make_algorithm(name: str, node_sizes: Sequence[int], **options: int) -> Algorithm:
+    """Build the algorithm `name` over nodes of `node_sizes` bytes."""
+    from dstfs.algorithms import ALGORITHMS
+
+    try:
+        cls = ALGORITHMS[name]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise ValueError(f"unknown algorithm {name!r} (known: {known})") from None
+    return cls(node_sizes, **options)

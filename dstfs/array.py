@@ -1,0 +1,300 @@
+"""The array: nodes joined by an algorithm, read and written as one disk.
+
+Rules:
+- A request is mapped by the algorithm into extents, one trio task per
+  extent, run concurrently; results are joined in order. A request that maps
+  to one extent runs in the caller's task (no nursery: the common case).
+- A write returns only when every extent has been acknowledged; the first
+  error (an errno) is raised after every extent has finished, so no task is
+  left running behind the caller's back.
+- Changes to the array (nodes, algorithm) are validated first and applied
+  only when they can succeed, then persisted atomically to the state dir.
+- Offsets and sizes are bytes here; the control tree shows sectors.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from dstfs import state
+from dstfs.algorithms import Algorithm, Extent, make_algorithm
+from dstfs.algorithms.base import SECTOR
+from dstfs.backends.base import Backend, Buffer
+from dstfs.backends.file import FileBackend
+from dstfs.backends.nbd import NbdBackend
+from dstfs.node import Node
+from dstfs.uri import NodeSpec, parse_node
+
+log = logging.getLogger(__name__)
+
+
+class ArrayError(OSError):
+    """A change to the array was refused; `errno` says why."""
+
+
+@attrs.define
+class ArrayStats:
+    reads: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    flushes: int = 0
+    errors: int = 0
+
+    def render(self) -> str:
+        return "".join(f"{k} {v}\n" for k, v in attrs.asdict(self).items())
+
+
+async def open_backend(spec: NodeSpec, nursery: trio.Nursery, connections: int = 1) -> Backend:
+    """Open the storage behind `spec`; OSError with the true errno if not."""
+    min_size = (spec.size or 0) * SECTOR
+    if spec.kind == "file":
+        assert spec.path is not None
+        return FileBackend(spec.path, size=min_size or None)
+    return await NbdBackend.open(spec, nursery, connections=connections, min_size=min_size)
+
+
+class Array:
+    def __init__(
+        self,
+        name: str,
+        nursery: trio.Nursery,
+        alg: str = "alg_linear",
+        options: dict[str, int] | None = None,
+        state_dir: Path | None = None,
+        connections: int = 1,
+    ) -> None:
+        self.name = name
+        self.nursery = nursery
+        self.alg_name = alg
+        self.options = dict(options or {})
+        self.state_dir = state_dir
+        self.connections = connections
+        self.nodes: list[Node] = []
+        self.entries: list[state.NodeEntry] = []
+        self.alg: Algorithm = make_algorithm(alg, [], **self.options)
+        self.stats = ArrayStats()
+        #: disk.img opens, kept by the FUSE layer (remove_all_nodes needs none).
+        self.open_count = 0
+        #: Called after the disk size changed (the FUSE layer drops its cache).
+        self.on_resize: Callable[[], None] | None = None
+        self._change_lock = trio.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.alg.size
+
+    # -- configuration
+
+    def config(self) -> state.ArrayConfig:
+        return state.ArrayConfig(self.name, self.alg_name, self.alg.options(), tuple(self.entries))
+
+    def persist(self) -> None:
+        if self.state_dir is not None:
+            state.save(self.state_dir, self.config())
+
+    def set_alg(self, name: str) -> None:
+        if self.nodes:
+            raise ArrayError(errno.EBUSY, "the algorithm can change only while there are no nodes")
+        try:
+            alg = make_algorithm(name, [], **self._options_for(name))
+        except (ValueError, TypeError) as e:
+            raise ArrayError(errno.EINVAL, str(e)) from None
+        self.alg, self.alg_name = alg, name
+        self.persist()
+        log.info("%s: algorithm is now %s", self.name, name)
+
+    def _options_for(self, name: str) -> dict[str, int]:
+        return self.options if name == self.alg_name else {}
+
+    async def add_node(self, spec: NodeSpec | str, entry: state.NodeEntry | None = None) -> Node:
+        """Connect a node and append it to the map; nothing changes on error."""
+        if isinstance(spec, str):
+            try:
+                spec = parse_node(spec)
+            except ValueError as e:
+                raise ArrayError(errno.EINVAL, str(e)) from None
+        async with self._change_lock:
+            if self.nodes and self.alg.named_by_index and self.open_count:
+                raise ArrayError(
+                    errno.EBUSY,
+                    f"{self.alg_name}: adding a node re-lays out the disk; close it first",
+                )
+            try:
+                backend = await open_backend(spec, self.nursery, self.connections)
+            except OSError as e:
+                raise ArrayError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
+            try:
+                size = (spec.size * SECTOR) if spec.size else backend.size // SECTOR * SECTOR
+                sizes = [n.size for n in self.nodes] + [size]
+                alg = make_algorithm(self.alg_name, sizes, **self.options)
+            except (ValueError, OSError) as e:
+                await backend.aclose()
+                raise ArrayError(errno.EINVAL, f"{spec.uri}: {e}") from None
+            node = Node(spec, backend, size, self.nursery)
+            self.nodes.append(node)
+            self.entries.append(entry or state.NodeEntry(uri=spec.to_text()))
+            self.alg = alg
+            self._layout()
+            self.persist()
+        log.info("%s: added node %s (%d sectors)", self.name, spec.uri, size // SECTOR)
+        if self.on_resize is not None:
+            self.on_resize()
+        return node
+
+    async def remove_all_nodes(self) -> None:
+        async with self._change_lock:
+            if self.open_count:
+                raise ArrayError(errno.EBUSY, "disk.img is open")
+            nodes, self.nodes = self.nodes, []
+            self.entries = []
+            self.alg = make_algorithm(self.alg_name, [], **self.options)
+            self.persist()
+        for node in nodes:
+            with trio.CancelScope(shield=True):
+                try:
+                    await node.flush()
+                except OSError as e:
+                    log.warning("%s: flush before removal failed: %s", node.name, e)
+                await node.aclose()
+        log.info("%s: removed all nodes", self.name)
+        if self.on_resize is not None:
+            self.on_resize()
+
+    def _layout(self) -> None:
+        for node, (start, size) in zip(self.nodes, self.alg.node_ranges(), strict=True):
+            node.start, node.sectors = start, size
+
+    def node_dir_name(self, index: int) -> str:
+        if self.alg.named_by_index:
+            return f"n-{index}"
+        return f"n-{self.nodes[index].start}"
+
+    def replace_entry(self, node: Node, entry: state.NodeEntry) -> None:
+        """Record a node's new target (after migration or repointing)."""
+        self.entries[self.nodes.index(node)] = entry
+        self.persist()
+
+    # -- I/O
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Up to `length` bytes at `offset`; short at the end of the disk."""
+        size = self.alg.size
+        if offset >= size or length <= 0:
+            return b""
+        if offset + length > size:
+            length = size - offset
+        extents = self.alg.map(offset, length)
+        try:
+            if len(extents) == 1 and len(extents[0].segments) == 1:
+                e = extents[0]
+                data = await self.nodes[e.node].read(e.node_offset, e.length)
+            else:
+                data = await self._read_many(extents, length)
+        except OSError:
+            self.stats.errors += 1
+            raise
+        self.stats.reads += 1
+        self.stats.read_bytes += length
+        return data
+
+    async def _read_many(self, extents: list[Extent], length: int) -> bytearray:
+        buf = bytearray(length)
+        errors: list[OSError] = []
+
+        async def one(e: Extent) -> None:
+            try:
+                data = memoryview(await self.nodes[e.node].read(e.node_offset, e.length))
+            except OSError as exc:
+                errors.append(exc)
+                return
+            pos = 0
+            for boff, blen in e.segments:
+                buf[boff : boff + blen] = data[pos : pos + blen]
+                pos += blen
+
+        async with trio.open_nursery() as nursery:
+            for e in extents:
+                nursery.start_soon(one, e)
+        if errors:
+            raise errors[0]
+        return buf
+
+    async def write(self, offset: int, data: Buffer) -> int:
+        """Write all of `data` at `offset`; ENOSPC past the end of the disk."""
+        length = len(data)
+        size = self.alg.size
+        if offset + length > size:
+            if offset >= size:
+                raise OSError(errno.ENOSPC, "write past the end of the disk")
+            length = size - offset
+        extents = self.alg.map(offset, length)
+        view = memoryview(data)
+        try:
+            if len(extents) == 1 and len(extents[0].segments) == 1:
+                e = extents[0]
+                await self.nodes[e.node].write(
+                    e.node_offset, view[:length] if length < len(data) else data
+                )
+            else:
+                await self._write_many(extents, view)
+        except OSError:
+            self.stats.errors += 1
+            raise
+        self.stats.writes += 1
+        self.stats.write_bytes += length
+        return length
+
+    async def _write_many(self, extents: list[Extent], view: memoryview) -> None:
+        errors: list[OSError] = []
+
+        async def one(e: Extent) -> None:
+            if len(e.segments) == 1:
+                boff, blen = e.segments[0]
+                piece: Buffer = view[boff : boff + blen]
+            else:
+                piece = b"".join(view[o : o + n] for o, n in e.segments)
+            try:
+                await self.nodes[e.node].write(e.node_offset, piece)
+            except OSError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for e in extents:
+                nursery.start_soon(one, e)
+        if errors:
+            raise errors[0]
+
+    async def flush(self) -> None:
+        """NBD_CMD_FLUSH (or fsync) on every node, concurrently."""
+        errors: list[OSError] = []
+
+        async def one(node: Node) -> None:
+            try:
+                await node.flush()
+            except OSError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for node in self.nodes:
+                nursery.start_soon(one, node)
+        self.stats.flushes += 1
+        if errors:
+            self.stats.errors += 1
+            raise errors[0]
+
+    async def aclose(self) -> None:
+        """Flush and disconnect every node."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self.flush()
+            except OSError as e:
+                log.error("%s: final flush failed: %s", self.name, e)
+            for node in self.nodes:
+                await node.aclose()

@@ -1,0 +1,110 @@
+"""A remote NBD export as a backend: one or more connections to one URI.
+
+Rules:
+- With several connections (only when the server advertises CAN_MULTI_CONN)
+  each request goes to the connection with the fewest requests in flight, and
+  a flush on one covers the writes acknowledged on all, as the spec promises.
+- A broken connection surfaces as `ConnectionLost`; `reconnect()` replaces
+  every connection. Retrying, back-off and timeouts are the node's job.
+- The reader tasks of the connections run in the nursery given at open.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from dstfs.backends.base import Buffer, ConnectionLost
+from dstfs.nbd import protocol as P
+from dstfs.nbd.client import NbdClient
+from dstfs.uri import NodeSpec
+
+log = logging.getLogger(__name__)
+
+
+class NbdBackend:
+    def __init__(
+        self, spec: NodeSpec, nursery: trio.Nursery, connections: int = 1, min_size: int = 0
+    ) -> None:
+        self.spec = spec
+        self.name = spec.uri
+        self.nursery = nursery
+        self.connections = max(1, connections)
+        self.min_size = min_size
+        self._clients: list[NbdClient] = []
+        self._size = 0
+
+    @classmethod
+    async def open(
+        cls, spec: NodeSpec, nursery: trio.Nursery, connections: int = 1, min_size: int = 0
+    ) -> NbdBackend:
+        backend = cls(spec, nursery, connections, min_size)
+        await backend.reconnect()
+        return backend
+
+    async def reconnect(self) -> None:
+        """(Re)open every connection; OSError if the server cannot be reached
+        or no longer offers an export big enough."""
+        for c in self._clients:
+            c.abort()
+        self._clients = []
+        first = await NbdClient.connect(self.spec, self.nursery)
+        clients = [first]
+        try:
+            if first.size < self.min_size:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{self.name}: export has {first.size} bytes, the node needs {self.min_size}",
+                )
+            if first.flags & P.TransmissionFlag.CAN_MULTI_CONN:
+                for _ in range(self.connections - 1):
+                    clients.append(await NbdClient.connect(self.spec, self.nursery))
+        except BaseException:
+            for c in clients:
+                c.abort()
+            raise
+        self._size = first.size
+        self._clients = clients
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self._clients and self._clients[0].flags & P.TransmissionFlag.READ_ONLY)
+
+    def _pick(self) -> NbdClient:
+        clients = self._clients
+        if len(clients) == 1:
+            return clients[0]
+        if not clients:
+            raise ConnectionLost(f"{self.name}: not connected")
+        return min(clients, key=lambda c: c.in_flight)
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        return await self._pick().pread(offset, length)
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self._pick().pwrite(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self._pick().flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._pick().trim(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        await self._pick().write_zeroes(offset, length, may_trim)
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, []
+        for c in clients:
+            await c.aclose()
+
+    def abort(self) -> None:
+        clients, self._clients = self._clients, []
+        for c in clients:
+            c.abort()

@@ -1,0 +1,195 @@
+"""The mount daemon: opens the nodes, mounts the filesystem, runs until
+unmounted or signalled, then flushes and disconnects every node.
+
+Rules:
+- Readiness is reported once, after the kernel mount exists: "ok", or one
+  line saying why not. `dstfs mount` waits for it, so it returns only once
+  the filesystem is usable, or fails with that line.
+- The built-in default array: nodes whose state entry says `serve` are files
+  this daemon exports itself over NBD on loopback, on a new port each mount.
+- A registry file in the runtime dir names the daemon of each mount point,
+  for `dstfs umount`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dstfs import state
+from dstfs.array import Array, ArrayError
+from dstfs.backends.file import FileBackend, create_sparse
+from dstfs.control import ControlTree
+from dstfs.fs import DstFs
+from dstfs.nbd.server import Export, NbdServer
+from dstfs.uri import parse_node
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NODE_SIZE = 1 << 30
+DEFAULT_NODES = 2
+
+
+class MountError(Exception):
+    pass
+
+
+def runtime_dir() -> Path:
+    if os.getuid() == 0:
+        return Path("/run/dstfs")
+    return Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/dstfs-{os.getuid()}")) / "dstfs"
+
+
+def registry_path(mountpoint: str) -> Path:
+    """Never call with a path under our own mount from inside the daemon."""
+    key = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "_"
+    return runtime_dir() / f"{key}.json"
+
+
+def read_registry(mountpoint: str) -> dict | None:
+    try:
+        return json.loads(registry_path(mountpoint).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def default_config(name: str, state_dir: Path) -> state.ArrayConfig:
+    """The built-in array: two 1 GiB sparse files in the state dir."""
+    entries = []
+    for i in range(DEFAULT_NODES):
+        path = state_dir / f"node-{i}.img"
+        if not path.exists():
+            create_sparse(str(path), DEFAULT_NODE_SIZE)
+        entries.append(state.NodeEntry(serve=str(path)))
+    return state.ArrayConfig(name=name, alg="alg_linear", nodes=tuple(entries))
+
+
+async def _serve_embedded(nursery: trio.Nursery, path: str) -> str:
+    backend = FileBackend(path)
+    server = NbdServer([Export("", backend)])
+    listeners = await nursery.start(server.serve_tcp, "127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    log.info("serving %s on nbd://127.0.0.1:%d", path, port)
+    return f"nbd://127.0.0.1:{port}"
+
+
+async def run(
+    mountpoint: str,
+    config: state.ArrayConfig,
+    state_dir: Path,
+    ready: Callable[[str], None],
+    connections: int = 1,
+) -> None:
+    """Mount `config` on `mountpoint` and serve until unmounted."""
+    async with trio.open_nursery() as nursery:
+        array = Array(
+            config.name,
+            nursery,
+            alg=config.alg,
+            options=config.options,
+            state_dir=None,  # do not rewrite the state while loading it
+            connections=connections,
+        )
+        try:
+            for entry in config.nodes:
+                if entry.serve is not None:
+                    uri = await _serve_embedded(nursery, entry.serve)
+                    spec = parse_node(uri).with_size(entry.size)
+                else:
+                    assert entry.uri is not None
+                    spec = parse_node(entry.uri)
+                await array.add_node(spec, entry)
+        except (ArrayError, OSError, ValueError) as e:
+            ready(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
+            await array.aclose()
+            nursery.cancel_scope.cancel()
+            return
+        array.state_dir = state_dir
+        array.persist()
+        from dstfs.migrate import migration_attrs
+
+        control = ControlTree(array, extra_node_attrs=migration_attrs(array))
+        ops = DstFs(array, control)
+        options = set(pyfuse3.default_options) | {
+            f"fsname=dstfs:{config.name}",
+            "subtype=dstfs",
+        }
+        if os.getuid() == 0:
+            options.add("allow_other")
+        # Resolve paths now: once mounted, a stat of the mount point from this
+        # process would wait for this process (a deadlock).
+        real_mountpoint = os.path.realpath(mountpoint)
+        reg = registry_path(real_mountpoint)
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:
+            ready(f"cannot mount on {mountpoint}: {e}")
+            await array.aclose()
+            nursery.cancel_scope.cancel()
+            return
+        try:
+            reg.parent.mkdir(parents=True, exist_ok=True)
+            state.write_atomic(
+                reg,
+                json.dumps({"pid": os.getpid(), "state": str(state_dir), "mountpoint": mountpoint}),
+            )
+            _raise_max_background(real_mountpoint)
+            ready("ok")
+            log.info("%s: mounted on %s (%d bytes)", config.name, mountpoint, array.size)
+            nursery.start_soon(_stop_on_signal)
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+        finally:
+            with trio.CancelScope(shield=True):
+                log.info("%s: unmounting: flushing and disconnecting nodes", config.name)
+                await array.aclose()
+                pyfuse3.close(unmount=True)
+                with contextlib.suppress(OSError):
+                    reg.unlink()
+            nursery.cancel_scope.cancel()
+    log.info("%s: stopped", config.name)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+MAX_BACKGROUND = 128
+
+
+def _raise_max_background(real_mountpoint: str) -> None:
+    """Let the kernel keep more async requests (loop's direct I/O) in flight
+    than its default 12. Found via /proc/self/mountinfo: statting the mount
+    point from this process could deadlock it."""
+    if os.getuid() != 0:
+        return
+    minor = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4] == real_mountpoint and " - fuse" in line:
+                    minor = parts[2].split(":")[1]
+        conn = Path("/sys/fs/fuse/connections")
+        if not (conn / "1").exists() and not any(conn.iterdir()):
+            subprocess.run(
+                ["mount", "-t", "fusectl", "none", str(conn)], capture_output=True, check=False
+            )
+        if minor is not None:
+            (conn / minor / "max_background").write_text(str(MAX_BACKGROUND))
+            (conn / minor / "congestion_threshold").write_text(str(MAX_BACKGROUND * 3 // 4))
+            log.debug("fuse connection %s: max_background %d", minor, MAX_BACKGROUND)
+    except OSError as e:
+        log.info("could not raise max_background: %s", e)

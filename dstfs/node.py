@@ -1,0 +1,327 @@
+"""A node: one storage backend behind a gate.
+
+Rules:
+- Every request passes the gate. The gate is open while the node is online;
+  it closes while the node is suspended or reconnecting, and requests wait
+  there in arrival order. A failed node (lost for longer than its timeout)
+  answers EIO at once until it is back.
+- A request that meets a broken connection is not failed: the node starts
+  one reconnect job (back-off 50 ms doubling to 2 s), and the request waits
+  at the gate and is sent again once the connection is back. Writes are
+  idempotent, so resending one that may have landed is safe.
+- Any other OSError is the storage's answer and goes to the caller.
+- `suspend()` closes the gate and returns once the requests already past it
+  have drained; `resume()` reopens it and the waiters proceed in order.
+- Every request, error, reconnect and failure is counted in `stats` and
+  every state change is logged with the node's name.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from dstfs.backends.base import Backend, Buffer, ConnectionLost
+from dstfs.uri import NodeSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+CONNECT_TIMEOUT = 5.0
+
+
+class State(enum.Enum):
+    ONLINE = "online"
+    SUSPENDED = "suspended"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    MIGRATING = "migrating"
+
+
+@attrs.frozen
+class NodeStatsSnapshot:
+    reads: int
+    writes: int
+    read_bytes: int
+    write_bytes: int
+    flushes: int
+    errors: int
+    reconnects: int
+    failures: int
+    latency_avg_us: float
+    latency_max_us: float
+
+    def render(self) -> str:
+        return "".join(f"{k} {v}\n" for k, v in attrs.asdict(self).items())
+
+
+@attrs.define
+class NodeStats:
+    reads: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    flushes: int = 0
+    errors: int = 0
+    reconnects: int = 0
+    failures: int = 0
+    latency_ns: int = 0
+    latency_max_ns: int = 0
+
+    def snapshot(self) -> NodeStatsSnapshot:
+        ops = self.reads + self.writes + self.flushes
+        avg = self.latency_ns / ops / 1000 if ops else 0.0
+        return NodeStatsSnapshot(
+            self.reads,
+            self.writes,
+            self.read_bytes,
+            self.write_bytes,
+            self.flushes,
+            self.errors,
+            self.reconnects,
+            self.failures,
+            round(avg, 1),
+            round(self.latency_max_ns / 1000, 1),
+        )
+
+
+Reconnector = Callable[[], Awaitable[None]]
+
+
+class Node:
+    """`backend` must offer `reconnect()` to recover from ConnectionLost
+    (NbdBackend does); a backend without it fails such requests with EIO."""
+
+    def __init__(self, spec: NodeSpec, backend: Backend, size: int, nursery: trio.Nursery) -> None:
+        self.spec = spec
+        self.backend = backend
+        #: Bytes of the backend this node contributes.
+        self.size = size
+        #: Where the algorithm put it, in sectors (set by the array).
+        self.start = 0
+        self.sectors = size // 512
+        self.nursery = nursery
+        self.name = spec.uri
+        self.timeout = DEFAULT_TIMEOUT
+        self.stats = NodeStats()
+        self.suspended = False
+        self.migration: object | None = None  # set by dstfs.migrate while copying
+        self._lost: str | None = None  # why the connection is down, while it is
+        self._failed = False
+        self._ready = True
+        self._gate = trio.Event()
+        self._gate.set()
+        self._inflight = 0
+        self._drained: trio.Event | None = None
+        self._reconnecting = False
+        self._lost_since = 0.0
+
+    # -- state
+
+    @property
+    def state(self) -> State:
+        if self._failed:
+            return State.FAILED
+        if self._lost is not None:
+            return State.RECONNECTING
+        if self.suspended:
+            return State.SUSPENDED
+        if self.migration is not None:
+            return State.MIGRATING
+        return State.ONLINE
+
+    def _update_gate(self) -> None:
+        ready = not self.suspended and self._lost is None and not self._failed
+        self._ready = ready
+        # A failed node wakes its waiters too, so they get EIO at once.
+        if ready or (self._failed and not self.suspended):
+            self._gate.set()
+        elif self._gate.is_set():
+            self._gate = trio.Event()
+
+    async def _pass_gate(self) -> None:
+        while not self._ready:
+            if self._failed and not self.suspended:
+                raise OSError(errno.EIO, f"{self.name}: node failed ({self._lost})")
+            await self._gate.wait()
+            if self._failed and not self.suspended:
+                raise OSError(errno.EIO, f"{self.name}: node failed ({self._lost})")
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._drained is not None:
+            self._drained.set()
+
+    # -- requests
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        stats = self.stats
+        while True:
+            if not self._ready:
+                await self._pass_gate()
+            self._inflight += 1
+            t0 = time.perf_counter_ns()
+            try:
+                data = await self.backend.pread(offset, length)
+            except ConnectionLost as e:
+                self._connection_lost(e)
+                continue
+            except OSError as e:
+                stats.errors += 1
+                log.warning("%s: read %d+%d failed: %s", self.name, offset, length, e)
+                raise
+            finally:
+                self._done()
+            dt = time.perf_counter_ns() - t0
+            stats.reads += 1
+            stats.read_bytes += length
+            stats.latency_ns += dt
+            if dt > stats.latency_max_ns:
+                stats.latency_max_ns = dt
+            return data
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        stats = self.stats
+        while True:
+            if not self._ready:
+                await self._pass_gate()
+            self._inflight += 1
+            t0 = time.perf_counter_ns()
+            try:
+                await self.backend.pwrite(offset, data, fua)
+            except ConnectionLost as e:
+                self._connection_lost(e)
+                continue
+            except OSError as e:
+                stats.errors += 1
+                log.warning("%s: write %d+%d failed: %s", self.name, offset, len(data), e)
+                raise
+            finally:
+                self._done()
+            dt = time.perf_counter_ns() - t0
+            stats.writes += 1
+            stats.write_bytes += len(data)
+            stats.latency_ns += dt
+            if dt > stats.latency_max_ns:
+                stats.latency_max_ns = dt
+            return
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            if not self._ready:
+                await self._pass_gate()
+            self._inflight += 1
+            try:
+                await fn()
+                return
+            except ConnectionLost as e:
+                self._connection_lost(e)
+            except OSError as e:
+                self.stats.errors += 1
+                log.warning("%s: %s failed: %s", self.name, what, e)
+                raise
+            finally:
+                self._done()
+
+    async def flush(self) -> None:
+        await self._call("flush", self.backend.flush)
+        self.stats.flushes += 1
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._call(f"trim {offset}+{length}", lambda: self.backend.trim(offset, length))
+
+    # -- suspend
+
+    async def suspend(self) -> None:
+        """Close the gate; return once the requests already past it are done."""
+        if not self.suspended:
+            self.suspended = True
+            self._update_gate()
+            log.info("%s: suspended, draining %d requests", self.name, self._inflight)
+        await self.drain()
+
+    async def drain(self) -> None:
+        while self._inflight:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        self._drained = None
+
+    def resume(self) -> None:
+        if self.suspended:
+            self.suspended = False
+            self._update_gate()
+            log.info("%s: resumed", self.name)
+
+    # -- failover
+
+    def _connection_lost(self, exc: Exception) -> None:
+        self.stats.errors += 1
+        if self._lost is None and not self._failed:
+            self._lost = str(exc)
+            self._lost_since = time.monotonic()
+            log.warning("%s: connection lost (%s); reconnecting", self.name, exc)
+            self._update_gate()
+        if not self._reconnecting:
+            self._reconnecting = True
+            self.nursery.start_soon(self._reconnect_loop)
+
+    async def _reconnect_loop(self) -> None:
+        reconnect = getattr(self.backend, "reconnect", None)
+        delay = BACKOFF_MIN
+        try:
+            while True:
+                limit = CONNECT_TIMEOUT
+                if not self._failed and self.timeout > 0:
+                    left = self._lost_since + self.timeout - time.monotonic()
+                    if left <= 0:
+                        self._fail()
+                    else:
+                        limit = min(limit, max(left, 0.05))
+                if reconnect is None:
+                    self._fail()
+                    return
+                try:
+                    with trio.fail_after(limit):
+                        await reconnect()
+                except (OSError, trio.TooSlowError) as e:
+                    log.debug("%s: reconnect failed: %s", self.name, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+                    continue
+                self.stats.reconnects += 1
+                was_failed = self._failed
+                self._lost = None
+                self._failed = False
+                self._update_gate()
+                log.warning(
+                    "%s: reconnected%s after %.1f s",
+                    self.name,
+                    " (was failed)" if was_failed else "",
+                    time.monotonic() - self._lost_since,
+                )
+                return
+        finally:
+            self._reconnecting = False
+
+    def _fail(self) -> None:
+        self._failed = True
+        self.stats.failures += 1
+        log.error(
+            "%s: lost for more than %g s: failed; its I/O gets EIO until it is back",
+            self.name,
+            self.timeout,
+        )
+        self._update_gate()
+
+    # -- teardown
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()

@@ -1,0 +1,102 @@
+"""The array's configuration on disk: STATE_DIR/array.json.
+
+Rules: written atomically (temp file, fsync, rename, fsync of the directory)
+so a crash leaves the old or the new file, never a torn one. Read strictly:
+a file we cannot understand is an error, not an empty array.
+
+A node entry is either `{"uri": ..., "size": SECTORS|null}` or, for the
+built-in default array, `{"serve": PATH, "size": ...}`: a file the daemon
+serves itself over NBD on a loopback port at each mount.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+
+from dstfs.uri import parse_node
+
+STATE_FILE = "array.json"
+VERSION = 1
+
+
+@attrs.frozen
+class NodeEntry:
+    uri: str | None = None
+    serve: str | None = None
+    size: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.uri is None) == (self.serve is None):
+            raise ValueError("a node entry has exactly one of uri and serve")
+        if self.uri is not None:
+            parse_node(self.uri)  # validate
+        if self.size is not None and self.size <= 0:
+            raise ValueError("node size must be positive")
+
+
+@attrs.frozen
+class ArrayConfig:
+    name: str
+    alg: str = "alg_linear"
+    options: dict[str, int] = attrs.field(factory=dict)
+    nodes: tuple[NodeEntry, ...] = ()
+
+
+def default_state_dir(name: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "dstfs" / name
+
+
+def load(state_dir: Path) -> ArrayConfig | None:
+    """The saved config, or None when the directory holds none."""
+    path = state_dir / STATE_FILE
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        if doc.get("version") != VERSION:
+            raise ValueError(f"unknown version {doc.get('version')!r}")
+        return ArrayConfig(
+            name=str(doc["name"]),
+            alg=str(doc["alg"]),
+            options={str(k): int(v) for k, v in doc.get("options", {}).items()},
+            nodes=tuple(NodeEntry(**n) for n in doc["nodes"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a dstfs state file: {e}") from None
+
+
+def save(state_dir: Path, config: ArrayConfig) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "version": VERSION,
+        "name": config.name,
+        "alg": config.alg,
+        "options": config.options,
+        "nodes": [
+            {k: v for k, v in attrs.asdict(n).items() if v is not None} for n in config.nodes
+        ],
+    }
+    write_atomic(state_dir / STATE_FILE, json.dumps(doc, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
