@@ -9,6 +9,7 @@ scheme, a missing unix socket, TLS before it exists, a bad port or size) is a
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 
 import attrs
@@ -63,13 +64,16 @@ def parse_uri(uri: str) -> NodeSpec:
         if ":" in uri.split("/", 1)[0]:
             raise ValueError(f"{uri!r}: not a URI (nbd://HOST:PORT/EXPORT) nor a path")
         path = os.path.abspath(uri)
-        return NodeSpec(kind="file", uri=f"file://{urllib.parse.quote(path)}", path=path)
+        quoted = urllib.parse.quote(path, errors="surrogateescape", safe="/")
+        return NodeSpec(kind="file", uri=f"file://{quoted}", path=path)
+    # A raw comma would read as an option separator in `URI,size=N`.
+    uri = uri.replace(",", "%2C")
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"{uri!r}: file URIs name a local path (file:///path)")
-        path = urllib.parse.unquote(parts.path)
+        path = urllib.parse.unquote(parts.path, errors="surrogateescape")
         if not path.startswith("/"):
             raise ValueError(f"{uri!r}: file URI needs an absolute path")
         return NodeSpec(kind="file", uri=uri, path=path)
@@ -81,6 +85,10 @@ def parse_uri(uri: str) -> NodeSpec:
     if len(export.encode()) > 4096:
         raise ValueError(f"{uri!r}: export name longer than 4096 bytes")
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    allowed = {"socket"} if scheme == "nbd+unix" else set()
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise ValueError(f"{uri!r}: unsupported URI parameter {unknown[0]!r}")
     if scheme == "nbd+unix":
         sock = query.get("socket", [""])[0]
         if not sock:
@@ -117,23 +125,18 @@ def parse_node(text: str) -> NodeSpec:
             key, eq, value = item.partition("=")
             if key != "size" or not eq:
                 raise ValueError(f"unknown node option {item!r} (only size=SECTORS)")
-            if not value.isdigit() or int(value) <= 0:
+            if not (value.isascii() and value.isdigit()) or int(value) <= 0:
                 raise ValueError(f"size must be a positive number of sectors, not {value!r}")
             size = int(value)
     return parse_uri(head).with_size(size)
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `1G`, `512M`, `64K`, `4096` (binary units)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    if not t.isdigit():
+    """Bytes from `1G`, `512M`, `64K`, `1GiB`, `4096` (binary units)."""
+    m = re.fullmatch(r"(\d+)(?:([KMGT])(?:I?B)?)?", text.strip().upper(), re.ASCII)
+    if m is None:
         raise ValueError(f"bad size {text!r} (e.g. 1G, 512M, 65536)")
-    value = int(t) * mult
+    value = int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " "))
     if value <= 0:
         raise ValueError(f"size must be positive, not {text!r}")
     return value

@@ -488,13 +488,12 @@ class ServerConnection(_Decoder):
             if raw is None:
                 return None
             (flags,) = _U32.unpack(raw)
-            known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
-            if flags & ~known:
-                raise ProtocolError(f"unknown client flags {flags:#x}")
-            if flags & ClientFlag.NO_ZEROES and not (
-                self.handshake_flags & HandshakeFlag.NO_ZEROES
-            ):
-                raise ProtocolError("client set NO_ZEROES that the server did not offer")
+            # Client flags mirror handshake flags: only offered ones may be set.
+            offered = int(self.handshake_flags) & 0b11
+            if flags & ~offered:
+                raise ProtocolError(
+                    f"unknown client flags {flags:#x} (offered {offered:#x}; NO_ZEROES is bit 1)"
+                )
             self.client_flags = flags
             self.phase = _Phase.OPTIONS
             return ClientFlags(flags)
@@ -685,7 +684,7 @@ class ClientConnection(_Decoder):
                 return None
             opt, rep = self._reply
             self._reply = None
-            if rep != Rep.SERVER and rep != Rep.INFO:  # final reply to this option
+            if rep not in (Rep.SERVER, Rep.INFO, Rep.META_CONTEXT):  # the final reply
                 self._last_opt = None
                 if opt == Opt.GO and rep == Rep.ACK:
                     self.phase = _Phase.TRANSMISSION
