@@ -147,12 +147,27 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) ->
             message = chunk.strip()
             break
     if message == b"ok":
-        sys.stdout.write(f"mounted {mountpoint}/disk.img (log: {logfile})\n")
+        _say_mounted(mountpoint, logfile)
         return 0
     proc.wait(10) if proc.poll() is None else None
     if message:
         raise CliError(message.decode(errors="replace"))
     raise CliError(f"the daemon exited with status {proc.returncode}; see {logfile}")
+
+
+def _say_mounted(mountpoint: str, logfile: Path) -> None:
+    sectors = int(_read(Path(mountpoint, "size")))
+    nodes = len(list(Path(mountpoint).glob("n-*")))
+    disk = f"{mountpoint}/disk.img"
+    sys.stdout.write(
+        f"mounted {disk}: {sectors * 512 / 2**30:.2f} GiB, {_read(Path(mountpoint, 'alg'))}, "
+        f"{nodes} node(s); log {logfile}\n"
+        f"  put a filesystem on it:\n"
+        f"    LOOP=$(losetup -f --show --direct-io=on {disk})\n"
+        f"    mkfs.ext4 $LOOP && mkdir -p /mnt/data && mount $LOOP /mnt/data\n"
+        f"  watch it: dstfs status {mountpoint}; cat {mountpoint}/nodes\n"
+        f"  tear down: umount /mnt/data; losetup -d $LOOP; dstfs umount {mountpoint}\n"
+    )
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -1,16 +1,328 @@
-"""Live migration (placeholder until issue 4's work lands)."""
+"""Live migration and repointing of a node.
+
+Rules of a migration (DESIGN.md, "Live migration"):
+- The node's used range is copied to the new target in chunks, several in
+  flight, in order, while the disk stays in use. Reads are served by the old
+  target throughout.
+- The node's backend is wrapped by `MigrationFilter` while copying. A write
+  that reaches a chunk already claimed by the copier goes to both targets; a
+  write beyond goes to the old one only (the copier will carry it over). A
+  write that meets a chunk being copied waits for that chunk; the copier
+  waits for writes already in flight on its chunk before reading it. So no
+  acknowledged write can be missed on the new target.
+- When every chunk is copied: the node is drained (its gate held shut for a
+  moment), the new target is flushed, the node switches to it, the state dir
+  is rewritten, the gate reopens, and the old connection is closed.
+- Any error on the new target, or `cancel`, ends the migration as
+  `failed: reason`: the filter is removed and the old target stays, having
+  received every write all along. Nothing is lost.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import math
+import time
+from collections import Counter
 from collections.abc import Callable
 
-from dstfs.array import Array
-from dstfs.control import Tree
+import trio
+
+from dstfs import state
+from dstfs.array import Array, open_backend
+from dstfs.backends.base import Backend, BackendFilter, Buffer
+from dstfs.control import Attr, ControlError, Tree
 from dstfs.node import Node
+from dstfs.uri import NodeSpec, parse_node
+
+log = logging.getLogger(__name__)
+
+CHUNK = 2 << 20
+WORKERS = 4
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+class MigrationFilter(BackendFilter):
+    """Old target underneath; mirrors writes to the new target as needed."""
+
+    def __init__(self, old: Backend, new: Backend, size: int, chunk: int = CHUNK) -> None:
+        super().__init__(old)
+        self.new = new
+        self.chunk = chunk
+        self.nchunks = math.ceil(size / chunk)
+        #: Highest chunk index handed to a copier so far (-1: none).
+        self.claimed = -1
+        self.copying: dict[int, trio.Event] = {}
+        self.writes_in: Counter[int] = Counter()
+        self._write_done = trio.Event()
+        self.error: str | None = None
+
+    def _chunks(self, offset: int, length: int) -> range:
+        return range(offset // self.chunk, (offset + max(length, 1) - 1) // self.chunk + 1)
+
+    async def _enter(self, chunks: range) -> None:
+        while True:
+            busy = next((c for c in chunks if c in self.copying), None)
+            if busy is None:
+                break
+            await self.copying[busy].wait()
+        for c in chunks:
+            self.writes_in[c] += 1
+
+    def _leave(self, chunks: range) -> None:
+        for c in chunks:
+            self.writes_in[c] -= 1
+            if not self.writes_in[c]:
+                del self.writes_in[c]
+        self._write_done.set()
+        self._write_done = trio.Event()
+
+    async def _mirror(self, op: Callable[[Backend], object], chunks: range) -> None:
+        """Run `op` on the old target, and on the new one if the copier has
+        reached these chunks; new-target errors end the migration, not the op."""
+        await self._enter(chunks)
+        try:
+            if self.error is None and chunks.start <= self.claimed:
+                err: list[OSError] = []
+
+                async def on_new() -> None:
+                    try:
+                        await op(self.new)  # type: ignore[misc]
+                    except OSError as e:
+                        err.append(e)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(on_new)
+                    await op(self.inner)  # type: ignore[misc]
+                if err:
+                    self.fail(f"write to the new target failed: {err[0]}")
+            else:
+                await op(self.inner)  # type: ignore[misc]
+        finally:
+            self._leave(chunks)
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self._mirror(lambda b: b.pwrite(offset, data, fua), self._chunks(offset, len(data)))
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._mirror(lambda b: b.trim(offset, length), self._chunks(offset, length))
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        await self._mirror(
+            lambda b: b.write_zeroes(offset, length, may_trim), self._chunks(offset, length)
+        )
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            log.error("%s: migration to %s failed: %s", self.name, self.new.name, reason)
+        for ev in self.copying.values():
+            ev.set()
+
+    async def claim(self, index: int) -> None:
+        """Hold writers off chunk `index` and wait for those already on it."""
+        self.claimed = max(self.claimed, index)
+        self.copying[index] = trio.Event()
+        while self.writes_in.get(index):
+            await self._write_done.wait()
+
+    def release(self, index: int) -> None:
+        ev = self.copying.pop(index, None)
+        if ev is not None:
+            ev.set()
+
+
+class Migration:
+    """One node's migration job and the status its `migrate` file shows."""
+
+    def __init__(self, array: Array, node: Node, spec: NodeSpec) -> None:
+        self.array = array
+        self.node = node
+        self.spec = spec
+        self.total = node.size
+        self.copied = 0
+        self.status = "copying"
+        self.filter: MigrationFilter | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.started = time.monotonic()
+
+    def show(self) -> str:
+        if self.status == "copying":
+            return f"copying {self.copied // 512}/{self.total // 512} sectors\n"
+        return self.status + "\n"
+
+    async def run(self, new: Backend) -> None:
+        node = self.node
+        old = node.backend
+        filt = MigrationFilter(old, new, self.total)
+        self.filter = filt
+        node.backend = filt
+        node.migration = self
+        reason = None
+        try:
+            with self.cancel_scope:
+                await self._copy(filt)
+                await self._switch(filt, new)
+                return
+            reason = "cancelled"
+        except MigrationFailed as e:
+            reason = str(e)
+        except OSError as e:
+            reason = f"{e.strerror or e}"
+        finally:
+            node.migration = None
+            if self.status != "done":
+                if node.backend is filt:
+                    node.backend = old
+                self.status = f"failed: {reason or filt.error or 'unknown error'}"
+                log.error("%s: migration to %s %s", node.name, self.spec.uri, self.status)
+                with trio.CancelScope(shield=True):
+                    await new.aclose()
+
+    async def _copy(self, filt: MigrationFilter) -> None:
+        next_chunk = 0
+        total = self.total
+        chunk = filt.chunk
+
+        async def worker() -> None:
+            nonlocal next_chunk
+            while next_chunk < filt.nchunks:
+                if filt.error is not None:
+                    raise MigrationFailed(filt.error)
+                index = next_chunk
+                next_chunk += 1
+                offset = index * chunk
+                length = min(chunk, total - offset)
+                await filt.claim(index)
+                try:
+                    data = await self.node.read(offset, length)  # old target, via the gate
+                    try:
+                        await filt.new.pwrite(offset, data)
+                    except OSError as e:
+                        filt.fail(f"write to the new target failed: {e.strerror or e}")
+                        raise MigrationFailed(filt.error) from None
+                finally:
+                    filt.release(index)
+                self.copied += length
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(worker)
+        if filt.error is not None:
+            raise MigrationFailed(filt.error)
+
+    async def _switch(self, filt: MigrationFilter, new: Backend) -> None:
+        node = self.node
+        was_suspended = node.suspended
+        await node.suspend()  # drain: nothing in flight while we switch
+        try:
+            if filt.error is not None:
+                raise MigrationFailed(filt.error)
+            try:
+                await new.flush()
+            except OSError as e:
+                raise MigrationFailed(f"flush of the new target failed: {e.strerror or e}") from e
+            old = filt.inner
+            node.backend = new
+            old_name = node.name
+            node.spec = self.spec
+            node.name = self.spec.uri
+            self.array.replace_entry(node, state.NodeEntry(uri=self.spec.to_text()))
+            self.status = "done"
+            elapsed = time.monotonic() - self.started
+            log.warning(
+                "%s: migrated to %s: %d bytes in %.1f s (%.0f MB/s)",
+                old_name,
+                self.spec.uri,
+                self.total,
+                elapsed,
+                self.total / elapsed / 1e6 if elapsed else 0,
+            )
+        finally:
+            if not was_suspended:
+                node.resume()
+        with trio.CancelScope(shield=True):
+            try:
+                await old.aclose()
+            except OSError as e:
+                log.warning("%s: closing the old target: %s", old_name, e)
+
+
+async def _open_target(array: Array, node: Node, text: str) -> tuple[NodeSpec, Backend]:
+    try:
+        spec = parse_node(text)
+    except ValueError as e:
+        raise ControlError(errno.EINVAL, str(e)) from None
+    if spec.uri == node.spec.uri:
+        raise ControlError(errno.EINVAL, "the target is the node's current target")
+    try:
+        with trio.fail_after(10):
+            backend = await open_backend(spec.with_size(None), array.nursery, array.connections)
+    except trio.TooSlowError:
+        raise ControlError(errno.ETIMEDOUT, f"{spec.uri}: no answer") from None
+    except OSError as e:
+        raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
+    if backend.size < node.size:
+        await backend.aclose()
+        raise ControlError(
+            errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {node.size}"
+        )
+    if getattr(backend, "read_only", False):
+        await backend.aclose()
+        raise ControlError(errno.EROFS, f"{spec.uri} is read-only")
+    return spec.with_size(node.spec.size), backend
 
 
 def migration_attrs(array: Array) -> Callable[[Node], Tree]:
+    """The `migrate` and `target` files of each node directory."""
+    jobs: dict[int, Migration] = {}
+
     def attrs_for(node: Node) -> Tree:
-        return {}
+        async def store_migrate(text: str) -> None:
+            value = text.rstrip("\n").strip()
+            job = jobs.get(id(node))
+            if value == "cancel":
+                if job is None or job.status != "copying":
+                    raise ControlError(errno.EINVAL, "no migration is running")
+                job.cancel_scope.cancel()
+                return
+            if job is not None and job.status == "copying":
+                raise ControlError(errno.EBUSY, "a migration is already running")
+            if node.suspended:
+                raise ControlError(errno.EBUSY, "the node is suspended")
+            spec, backend = await _open_target(array, node, value)
+            job = Migration(array, node, spec)
+            jobs[id(node)] = job
+            array.nursery.start_soon(job.run, backend)
+            log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, node.size)
+
+        async def store_target(text: str) -> None:
+            if not node.suspended:
+                raise ControlError(errno.EBUSY, "suspend the node before repointing it")
+            job = jobs.get(id(node))
+            if job is not None and job.status == "copying":
+                raise ControlError(errno.EBUSY, "a migration is running")
+            spec, backend = await _open_target(array, node, text.rstrip("\n").strip())
+            old = node.backend
+            node.backend = backend
+            old_name = node.name
+            node.spec, node.name = spec, spec.uri
+            array.replace_entry(node, state.NodeEntry(uri=spec.to_text()))
+            log.warning("%s: repointed to %s", old_name, spec.uri)
+            with trio.CancelScope(shield=True):
+                await old.aclose()
+
+        def show_migrate() -> str:
+            job = jobs.get(id(node))
+            return job.show() if job is not None else "idle\n"
+
+        return {
+            "migrate": Attr(show=show_migrate, store=store_migrate),
+            "target": Attr(show=lambda: node.spec.uri + "\n", store=store_target),
+        }
 
     return attrs_for

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -93,3 +93,88 @@ def nbdkit(*plugin_args: str, port: int | None = None) -> Iterator[str]:
     argv = [exe, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *plugin_args]
     with running(argv, port):
         yield f"nbd://127.0.0.1:{port}"
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process `pid`, in KiB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _poll(ready: Callable[[], bool], what: str, proc: subprocess.Popen | None, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not {what} after {timeout}s")
+        time.sleep(0.02)
+
+
+def _tcp_listening(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    """Wait until a TCP socket listens on `port`, without connecting to it
+    (for servers such as `nbd-server -d` that take a probe for their one client)."""
+    _poll(lambda: _tcp_listening(port), f"listening on port {port}", proc, timeout)
+
+
+def _unix_listening(path: str) -> bool:
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Flags 00010000 is __SO_ACCEPTCON: the socket listens.
+        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
+def wait_unix(
+    path: str | Path, proc: subprocess.Popen | None = None, timeout: float = 10.0
+) -> None:
+    """Wait until a unix socket listens at `path`, without connecting to it."""
+    _poll(lambda: _unix_listening(str(path)), f"listening on {path}", proc, timeout)
+
+
+@contextlib.contextmanager
+def dstfs_server(
+    path: Path,
+    size: str | None = None,
+    extra: Sequence[str] = (),
+    *,
+    export: str = "",
+    unix: str | Path | None = None,
+    **kw: object,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`dstfs serve PATH [--export NAME]` on a free port, or on the unix socket
+    `unix`; yields its URI (nbd:// or nbd+unix://) and the process."""
+    argv = [*DSTFS, "serve", str(path), "--export", export, *extra]
+    if size:
+        argv += ["--size", size]
+    if unix is None:
+        port = free_port()
+        with running([*argv, "--listen", f"127.0.0.1:{port}"], port, **kw) as proc:
+            yield f"nbd://127.0.0.1:{port}/{export}", proc
+    else:
+        with running([*argv, "--unix", str(unix)], **kw) as proc:
+            wait_unix(unix, proc)
+            yield f"nbd+unix:///{export}?socket={unix}", proc
+
+
+@contextlib.contextmanager
+def nbdkit_proc(*plugin_args: str, **kw: object) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like `nbdkit()`, but yields the process too (to kill it, read its log)."""
+    exe = need("nbdkit")
+    port = free_port()
+    argv = [exe, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *plugin_args]
+    with running(argv, port, **kw) as proc:
+        yield f"nbd://127.0.0.1:{port}", proc

@@ -217,9 +217,9 @@ class NbdClient:
     def _lose(self, reason: str) -> None:
         if self.lost is None:
             self.lost = reason
-        err = outcome.Error(ConnectionLost(f"{self.name}: {self.lost}"))
         for waiter in list(self._pending.values()):
-            waiter.set(err)
+            # An Outcome unwraps once: each waiter gets its own.
+            waiter.set(outcome.Error(ConnectionLost(f"{self.name}: {self.lost}")))
 
     async def _reader(self) -> None:
         io = self.io
@@ -309,10 +309,16 @@ async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.E
 async def open_client(spec: NodeSpec | str) -> AsyncIterator[NbdClient]:
     """`async with open_client("nbd://host:port/export") as c:` — for tools
     and tests; closes (DISC) on exit."""
-    async with trio.open_nursery() as nursery:
-        client = await NbdClient.connect(spec, nursery)
-        try:
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await NbdClient.connect(spec, nursery)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+    except BaseExceptionGroup as group:
+        # The reader never raises: a lone error is the caller's or connect's.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -516,11 +516,11 @@ class ServerConnection(_Decoder):
         magic, opt, length = _OPTION.unpack(raw)
         if magic != IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
+        if opt == Opt.EXPORT_NAME and length > MAX_STRING:
+            raise ProtocolError("export name too long")  # it has no error reply
         if length > MAX_OPTION_DATA:
             self._start_discard(length)
             return OptionTooBig(opt, length)
-        if opt == Opt.EXPORT_NAME and length > MAX_STRING:
-            raise ProtocolError("export name too long")
         self._option_opt = opt
         self._start_payload(length)
         return self._next_option()

@@ -35,6 +35,9 @@ from dstfs.nbd.sockio import SocketIO
 log = logging.getLogger(__name__)
 
 PREFERRED_BLOCK = 4096
+#: FLUSH and FUA requests waiting on the disk at once, per connection; past
+#: it the reader stops reading, so a client cannot pile them up.
+MAX_DURABLE = 16
 
 
 @attrs.define
@@ -167,6 +170,7 @@ class _Session:
         self.conn = P.ServerConnection()
         self.export: Export | None = None
         self.buf = memoryview(bytearray(256 * 1024))
+        self.durable_slots = trio.Semaphore(MAX_DURABLE)
 
     async def run(self) -> None:
         await self.io.send_all(self.conn.greeting())
@@ -324,11 +328,11 @@ class _Session:
                 assert req.data is not None
                 if req.flags & P.CmdFlag.FUA:
                     await backend.pwrite(req.offset, req.data)
-                    self.nursery.start_soon(self._durable, req)
+                    await self._start_durable(req)
                     return True
                 await backend.pwrite(req.offset, req.data)
             elif cmd == C.FLUSH:
-                self.nursery.start_soon(self._durable, req)
+                await self._start_durable(req)
                 return True
             elif cmd == C.TRIM:
                 await backend.trim(req.offset, req.length)
@@ -342,7 +346,7 @@ class _Session:
                 await self._error(req, errno.EINVAL, f"unknown command {cmd}")
                 return True
             if req.flags & P.CmdFlag.FUA and cmd != C.WRITE:
-                self.nursery.start_soon(self._durable, req)
+                await self._start_durable(req)
                 return True
         except ConnectionLost:
             raise
@@ -351,6 +355,11 @@ class _Session:
             return True
         await self.io.send_all(self.conn.simple_reply_header(req.cookie))
         return True
+
+    async def _start_durable(self, req: P.Request) -> None:
+        await self.durable_slots.acquire()
+        # The reply needs only the header fields: do not keep the payload.
+        self.nursery.start_soon(self._durable, attrs.evolve(req, data=b""))
 
     async def _durable(self, req: P.Request) -> None:
         """Reply once what was written is on stable storage (FLUSH, FUA)."""
@@ -366,3 +375,5 @@ class _Session:
             await self.io.send_all(self.conn.simple_reply_header(req.cookie))
         except ConnectionLost:
             pass  # the reader sees the same and ends the session
+        finally:
+            self.durable_slots.release()

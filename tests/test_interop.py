@@ -1,0 +1,277 @@
+"""Interoperability with NBD programs written elsewhere, both ways:
+- nbdinfo, nbdcopy, qemu-img and the libnbd Python bindings against `dstfs serve`;
+- the dstfs client against nbdkit (memory, file), qemu-nbd (TCP, unix) and nbd-server.
+Missing programs skip (a failure under DSTFS_REQUIRE_ALL=1)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from procs import dstfs_server, free_port, nbdkit, need, running, wait_listening, wait_unix
+
+from dstfs.nbd.client import open_client
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def run(*argv: str, timeout: float = 60) -> str:
+    """Run a program to completion; its stdout (CalledProcessError on failure)."""
+    need(argv[0])
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def random_file(path: Path, size: int = SIZE) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+# ---------------------------------------------------------------- tools -> dstfs serve
+
+
+def test_nbdinfo(tmp_path: Path) -> None:
+    need("nbdinfo")
+    with dstfs_server(tmp_path / "d.img", "64M") as (uri, proc):
+        info = json.loads(run("nbdinfo", "--json", uri))
+        (export,) = info["exports"]
+        assert export["export-size"] == SIZE
+        for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"):
+            assert export[flag] is True, flag
+        assert export["is_read_only"] is False
+        assert info["protocol"] == "newstyle-fixed"
+        text = run("nbdinfo", uri)
+        assert "can_multi_conn: true" in text and f"export-size: {SIZE}" in text
+    assert proc.returncode == 0  # SIGTERM is a clean stop
+
+
+def test_nbdinfo_list_and_read_only(tmp_path: Path) -> None:
+    need("nbdinfo")
+    path = tmp_path / "d.img"
+    random_file(path, 4 * MiB)
+    with dstfs_server(path, export="disk", extra=["--read-only"]) as (uri, _):
+        base = uri.rsplit("/", 1)[0]
+        listed = json.loads(run("nbdinfo", "--list", "--json", base))
+        assert [e["export-name"] for e in listed["exports"]] == ["disk"]
+        (export,) = listed["exports"]
+        assert export["export-size"] == 4 * MiB and export["is_read_only"] is True
+        assert export["can_trim"] is False and export["can_zero"] is False
+        assert "disk" in run("nbdinfo", "--list", base)
+        # A name the server does not have is refused.
+        bad = subprocess.run(["nbdinfo", base + "/nope"], capture_output=True, timeout=30)
+        assert bad.returncode != 0
+
+
+def test_nbdcopy_in_and_out(tmp_path: Path) -> None:
+    need("nbdcopy")
+    src, exported, out = tmp_path / "src.bin", tmp_path / "export.img", tmp_path / "out.bin"
+    data = random_file(src)
+    with dstfs_server(exported, "64M") as (uri, _):
+        run("nbdcopy", str(src), uri)
+        run("nbdcopy", uri, str(out))
+    assert out.read_bytes() == data
+    assert exported.read_bytes() == data
+
+
+def test_qemu_img_convert_both_ways(tmp_path: Path) -> None:
+    need("qemu-img")
+    src, exported = tmp_path / "src.bin", tmp_path / "export.img"
+    data = random_file(src)
+    with dstfs_server(exported, "64M") as (uri, _):
+        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri)
+        assert exported.read_bytes() == data
+        out = tmp_path / "out.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+        assert out.read_bytes() == data
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(src))
+        info = json.loads(run("qemu-img", "info", "--output=json", uri))
+        assert info["virtual-size"] == SIZE
+
+
+LIBNBD_SCRIPT = r"""
+import sys, nbd
+uri, pattern_path = sys.argv[1], sys.argv[2]
+pattern = open(pattern_path, "rb").read()
+h = nbd.NBD()
+h.connect_uri(uri)
+assert h.get_size() == len(pattern), h.get_size()
+assert h.can_multi_conn() and h.can_flush() and h.can_fua() and h.can_trim()
+chunk = 1 << 20
+n = len(pattern) // chunk
+for i in range(n):  # every write in flight at once
+    h.aio_pwrite(nbd.Buffer.from_bytearray(pattern[i * chunk:(i + 1) * chunk]), i * chunk)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.flush()
+bufs = [nbd.Buffer(chunk) for _ in range(n)]
+cookies = [h.aio_pread(bufs[i], i * chunk) for i in range(n)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+got = b"".join(b.to_bytearray() for b in bufs)
+assert got == pattern, "read back differs"
+h.trim(chunk, 0)
+assert h.pread(4096, 0) == bytes(4096)
+h.shutdown()
+print("ok", n)
+"""
+
+
+def test_libnbd_python_aio(tmp_path: Path) -> None:
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"libnbd Python bindings missing: {probe.stderr.decode().strip()}")
+    pattern = tmp_path / "pattern.bin"
+    data = random_file(pattern, 32 * MiB)
+    exported = tmp_path / "export.img"
+    with dstfs_server(exported, "32M") as (uri, _):
+        out = run(SYSTEM_PYTHON, "-c", LIBNBD_SCRIPT, uri, str(pattern))
+    assert out.strip() == "ok 32"
+    assert exported.read_bytes() == bytes(1 * MiB) + data[1 * MiB :]
+
+
+async def test_unix_socket_and_export_name(tmp_path: Path) -> None:
+    need("nbdinfo")
+    sock = tmp_path / "nbd.sock"
+    with dstfs_server(tmp_path / "d.img", "8M", export="vol1", unix=sock) as (uri, _):
+        assert uri == f"nbd+unix:///vol1?socket={sock}"
+        info = json.loads(run("nbdinfo", "--json", uri))
+        assert info["exports"][0]["export-size"] == 8 * MiB
+        assert info["exports"][0]["export-name"] == "vol1"
+        with trio.fail_after(10):
+            async with open_client(uri) as c:
+                assert c.size == 8 * MiB
+                await c.pwrite(123, b"over a unix socket")
+                assert bytes(await c.pread(123, 18)) == b"over a unix socket"
+        bad = subprocess.run(
+            ["nbdinfo", f"nbd+unix:///other?socket={sock}"], capture_output=True, timeout=30
+        )
+        assert bad.returncode != 0
+    assert (tmp_path / "d.img").read_bytes()[123:141] == b"over a unix socket"
+    assert not sock.exists()
+
+
+# ---------------------------------------------------------------- dstfs client -> servers
+
+
+@contextlib.contextmanager
+def nbdkit_memory(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    with nbdkit("memory", str(SIZE)) as uri:
+        yield uri, None
+
+
+@contextlib.contextmanager
+def nbdkit_file(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    path = tmp_path / "nbdkit.img"
+    path.write_bytes(b"")
+    os.truncate(path, SIZE)
+    with nbdkit("file", str(path)) as uri:
+        yield uri, path
+
+
+def _sparse(path: Path) -> Path:
+    path.write_bytes(b"")
+    os.truncate(path, SIZE)
+    return path
+
+
+@contextlib.contextmanager
+def qemu_nbd_tcp(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    exe = need("qemu-nbd")
+    path, port = _sparse(tmp_path / "qemu.img"), free_port()
+    argv = [exe, "-f", "raw", "--persistent", "-b", "127.0.0.1", "-p", str(port), str(path)]
+    with running(argv, port):
+        yield f"nbd://127.0.0.1:{port}", path
+
+
+@contextlib.contextmanager
+def qemu_nbd_unix(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    exe = need("qemu-nbd")
+    path, sock = _sparse(tmp_path / "qemu.img"), tmp_path / "qemu.sock"
+    argv = [exe, "-f", "raw", "--persistent", "-x", "vol", "-k", str(sock), str(path)]
+    with running(argv) as proc:
+        wait_unix(sock, proc)
+        yield f"nbd+unix:///vol?socket={sock}", path
+
+
+@contextlib.contextmanager
+def nbd_server(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    """nbd-server in the foreground (-d): it serves one session, then exits;
+    so wait for its socket without a probe connection."""
+    exe = need("nbd-server")
+    path, port = _sparse(tmp_path / "nbd-server.img"), free_port()
+    conf = tmp_path / "nbd-server.conf"
+    conf.write_text(
+        "[generic]\n"
+        "listenaddr = 127.0.0.1\n"
+        f"port = {port}\n"
+        "allowlist = true\n"
+        "[disk]\n"
+        f"exportname = {path}\n"
+        "flush = true\n"
+        "fua = true\n"
+        "trim = true\n"
+    )
+    with running([exe, "-C", str(conf), "-d"], stdout=subprocess.DEVNULL) as proc:
+        wait_listening(port, proc)
+        yield f"nbd://127.0.0.1:{port}/disk", path
+
+
+SERVERS = {
+    "nbdkit-memory": nbdkit_memory,
+    "nbdkit-file": nbdkit_file,
+    "qemu-nbd": qemu_nbd_tcp,
+    "qemu-nbd-unix": qemu_nbd_unix,
+    "nbd-server": nbd_server,
+}
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+async def test_dstfs_client_against(kind: str, tmp_path: Path) -> None:
+    rng = random.Random(kind)
+    slot = SIZE // 64
+    writes = []
+    for i in range(64):  # one write per 1 MiB slot: none overlap, all in flight at once
+        length = rng.randrange(64 * 1024, slot + 1)
+        offset = i * slot + rng.randrange(0, slot - length + 1)
+        writes.append((offset, rng.randbytes(length)))
+    want = bytearray(SIZE)
+    for offset, data in writes:
+        want[offset : offset + len(data)] = data
+
+    with SERVERS[kind](tmp_path) as (uri, backing):
+        with trio.fail_after(30):
+            async with open_client(uri) as c:
+                assert c.size == SIZE
+                async with trio.open_nursery() as nursery:
+                    for offset, data in writes:
+                        nursery.start_soon(c.pwrite, offset, data)
+                await c.flush()
+                got = bytearray(SIZE)
+
+                async def read(i: int) -> None:
+                    got[i * slot : (i + 1) * slot] = await c.pread(i * slot, slot)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(64):
+                        nursery.start_soon(read, i)
+                assert got == want
+                # FUA writes and zeroing, then one more look.
+                await c.pwrite(5, b"fua" * 1000, fua=True)
+                await c.write_zeroes(slot, slot)
+                want[5:3005] = b"fua" * 1000
+                want[slot : 2 * slot] = bytes(slot)
+                await c.flush()
+                assert bytes(await c.pread(0, 3 * slot)) == want[: 3 * slot]
+        if backing is not None:
+            assert backing.read_bytes() == want
