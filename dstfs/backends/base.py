@@ -75,3 +75,7 @@ class BackendFilter:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    def __getattr__(self, name: str) -> object:
+        # Anything else (reconnect, read_only, ...) is the inner backend's.
+        return getattr(self.inner, name)
