@@ -25,7 +25,7 @@ import trio
 
 from dstfs.backends.base import Buffer, ConnectionLost
 from dstfs.nbd import protocol as P
-from dstfs.nbd.sockio import SocketIO, connect_tcp, connect_unix
+from dstfs.nbd.sockio import HIGH_WATER, SocketIO, connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class NbdClient:
             raise
         client = cls(io, conn, info, spec.uri)
         nursery.start_soon(client._reader)
+        nursery.start_soon(client._sender)
         log.debug("%s: connected, size %d, flags %#x", spec.uri, info.size, info.flags)
         return client
 
@@ -139,12 +140,15 @@ class NbdClient:
         if not pending:
             self._idle = trio.Event()
         pending[cookie] = waiter
-        header = self.conn.request(cmd, cookie, offset, length, flags)
+        io = self.io
         try:
+            if io.queued > HIGH_WATER:
+                await io.wait_room()
+            header = self.conn.request(cmd, cookie, offset, length, flags)
             if data is None:
-                await self.io.send_all(header)
+                io.send_soon(header)
             else:
-                await self.io.send_all(header, data)
+                io.send_soon(header, data)
         except BaseException as e:
             self._forget(cookie)
             if isinstance(e, ConnectionLost):
@@ -212,7 +216,12 @@ class NbdClient:
         self._lose("connection aborted")
         self.io.close()
 
-    # -- reader
+    # -- sender and reader
+
+    async def _sender(self) -> None:
+        await self.io.run_sender()
+        if self.io.broken is not None and not self._closed:
+            self._lose(self.io.broken)
 
     def _lose(self, reason: str) -> None:
         if self.lost is None:

@@ -30,7 +30,7 @@ import trio
 
 from dstfs.backends.base import Backend, ConnectionLost
 from dstfs.nbd import protocol as P
-from dstfs.nbd.sockio import SocketIO
+from dstfs.nbd.sockio import HIGH_WATER, SocketIO
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,10 @@ class _Session:
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self.io.run_sender)
             try:
                 await self._loop()
+                await self.io.flush()  # replies queued before the client's DISC
             except _Disconnect:
                 pass
             except (P.ProtocolError, OSError) as e:
@@ -209,6 +211,8 @@ class _Session:
                 await self._fill()
                 continue
             if type(ev) is P.Request:
+                if self.io.queued > HIGH_WATER:
+                    await self.io.wait_room()  # a client that does not read its replies
                 if not await self._request(ev):
                     return
             elif type(ev) is P.Option:
@@ -292,7 +296,7 @@ class _Session:
             req.length,
             message,
         )
-        await self.io.send_all(self.conn.error_reply(req.cookie, P.errno_to_nbd(err), message))
+        self.io.send_soon(self.conn.error_reply(req.cookie, P.errno_to_nbd(err), message))
 
     async def _request(self, req: P.Request) -> bool:
         """Serve one request; False once the client disconnected cleanly."""
@@ -320,7 +324,7 @@ class _Session:
         try:
             if cmd == C.READ:
                 data = await backend.pread(req.offset, req.length)
-                await self.io.send_all(
+                self.io.send_soon(
                     self.conn.read_data_header(req.cookie, req.offset, req.length), data
                 )
                 return True
@@ -353,7 +357,7 @@ class _Session:
         except OSError as e:
             await self._error(req, e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
             return True
-        await self.io.send_all(self.conn.simple_reply_header(req.cookie))
+        self.io.send_soon(self.conn.simple_reply_header(req.cookie))
         return True
 
     async def _start_durable(self, req: P.Request) -> None:
@@ -372,7 +376,7 @@ class _Session:
             except OSError as e:
                 await self._error(req, e.errno or errno.EIO, f"flush failed: {e}")
                 return
-            await self.io.send_all(self.conn.simple_reply_header(req.cookie))
+            self.io.send_soon(self.conn.simple_reply_header(req.cookie))
         except ConnectionLost:
             pass  # the reader sees the same and ends the session
         finally:
