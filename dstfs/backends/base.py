@@ -76,6 +76,11 @@ class BackendFilter:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    def file_slice(self, offset: int, length: int) -> None:
+        # Reads through a filter must pass its pread: no zero-copy shortcut
+        # to the file underneath.
+        return None
+
     def __getattr__(self, name: str) -> object:
         # Anything else (reconnect, read_only, ...) is the inner backend's.
         return getattr(self.inner, name)

@@ -25,6 +25,7 @@ import struct
 import trio
 
 from dstfs.backends.base import Buffer
+from dstfs.nbd.sockio import FileSlice
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,12 @@ class FileBackend:
         if len(data) < length:  # a file shorter than its export reads as zeroes
             data += bytes(length - len(data))
         return data
+
+    def file_slice(self, offset: int, length: int) -> FileSlice | None:
+        """The range as a FileSlice for sendfile(2) (regular files only)."""
+        if self.is_block or self.fd < 0:
+            return None
+        return FileSlice(self.fd, offset, length)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         if self.read_only:

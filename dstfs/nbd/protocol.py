@@ -375,15 +375,16 @@ def decode_error_chunk_payload(payload: bytes) -> tuple[int, str]:
 
 
 class _Decoder:
-    """Shared buffer handling: fixed-size headers from a bytearray, payloads
-    straight into their own bytearray, discards without storing."""
+    """Shared buffer handling: fixed-size headers from a bytearray read at a
+    moving position (no memmove per message), payloads straight into their
+    own bytearray, discards without storing."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._pos = 0
         self._payload: bytearray | None = None
         self._filled = 0
         self._discard = 0
-        self._closed = False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -394,7 +395,7 @@ class _Decoder:
             data = memoryview(data)[n:]
             if not data:
                 return
-        if self._payload is not None:
+        if self._payload is not None and self._pos == len(self._buf):
             want = len(self._payload) - self._filled
             n = min(want, len(data))
             self._payload[self._filled : self._filled + n] = data[:n]
@@ -402,12 +403,20 @@ class _Decoder:
             data = memoryview(data)[n:]
             if not data:
                 return
-        self._buf += data
+        buf = self._buf
+        if self._pos:
+            if self._pos == len(buf):
+                buf.clear()
+                self._pos = 0
+            elif self._pos > 65536:
+                del buf[: self._pos]
+                self._pos = 0
+        buf += data
 
     def payload_buffer(self) -> memoryview | None:
         """A writable view of the rest of the payload being received, or None.
         Fill it (e.g. with recv_into) and call `payload_received(n)`."""
-        if self._payload is None or self._buf:
+        if self._payload is None or self._pos < len(self._buf):
             return None
         return memoryview(self._payload)[self._filled :]
 
@@ -418,21 +427,23 @@ class _Decoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded (for bounds checks and tests)."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def _take(self, n: int) -> bytes | None:
-        if len(self._buf) < n:
+        pos = self._pos
+        if len(self._buf) - pos < n:
             return None
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+        out = bytes(memoryview(self._buf)[pos : pos + n])
+        self._pos = pos + n
         return out
 
     def _start_payload(self, n: int) -> None:
-        self._payload = bytearray(n)
-        k = min(n, len(self._buf))
+        self._payload = payload = bytearray(n)
+        pos = self._pos
+        k = min(n, len(self._buf) - pos)
         if k:
-            self._payload[:k] = self._buf[:k]
-            del self._buf[:k]
+            payload[:k] = memoryview(self._buf)[pos : pos + k]
+            self._pos = pos + k
         self._filled = k
 
     def _payload_done(self) -> bytearray | None:
@@ -445,8 +456,8 @@ class _Decoder:
         return p
 
     def _start_discard(self, n: int) -> None:
-        k = min(n, len(self._buf))
-        del self._buf[:k]
+        k = min(n, len(self._buf) - self._pos)
+        self._pos += k
         self._discard = n - k
 
 
@@ -716,12 +727,13 @@ class ClientConnection(_Decoder):
                 return SimpleReply(reply[0], 0, data)
             return StructuredChunk(reply[0], reply[1], reply[2], data)
         buf = self._buf
-        if len(buf) < 16:
+        pos = self._pos
+        if len(buf) - pos < 16:
             return None
-        (magic,) = _U32.unpack_from(buf, 0)
+        (magic,) = _U32.unpack_from(buf, pos)
         if magic == SIMPLE_REPLY_MAGIC:
-            _, error, cookie = _SIMPLE_REPLY.unpack_from(buf, 0)
-            del buf[:16]
+            _, error, cookie = _SIMPLE_REPLY.unpack_from(buf, pos)
+            self._pos = pos + 16
             length = self._reads.pop(cookie, None)
             if length is None or error:
                 return SimpleReply(cookie, error)
@@ -729,12 +741,12 @@ class ClientConnection(_Decoder):
             self._start_payload(length)
             return self._next_reply()
         if magic == STRUCTURED_REPLY_MAGIC:
-            if len(buf) < 20:
+            if len(buf) - pos < 20:
                 return None
-            _, flags, rtype, cookie, length = _STRUCTURED.unpack_from(buf, 0)
+            _, flags, rtype, cookie, length = _STRUCTURED.unpack_from(buf, pos)
             if length > MAX_PAYLOAD + 8:
                 raise ProtocolError(f"structured reply of {length} bytes is too big")
-            del buf[:20]
+            self._pos = pos + 20
             if flags & REPLY_FLAG_DONE:
                 self._reads.pop(cookie, None)
             self._reply = (flags, rtype, cookie)
