@@ -96,8 +96,14 @@ class Array:
         return state.ArrayConfig(self.name, self.alg_name, self.alg.options(), tuple(self.entries))
 
     def persist(self) -> None:
+        self._save(self.config())
+
+    def _save(self, config: state.ArrayConfig) -> None:
         if self.state_dir is not None:
-            state.save(self.state_dir, self.config())
+            try:
+                state.save(self.state_dir, config)
+            except OSError as e:
+                raise ArrayError(e.errno or errno.EIO, f"cannot write the state: {e}") from None
 
     def set_alg(self, name: str) -> None:
         if self.nodes:
@@ -106,8 +112,8 @@ class Array:
             alg = make_algorithm(name, [], **self._options_for(name))
         except (ValueError, TypeError) as e:
             raise ArrayError(errno.EINVAL, str(e)) from None
+        self._save(state.ArrayConfig(self.name, name, alg.options(), tuple(self.entries)))
         self.alg, self.alg_name = alg, name
-        self.persist()
         log.info("%s: algorithm is now %s", self.name, name)
 
     def _options_for(self, name: str) -> dict[str, int]:
@@ -137,12 +143,21 @@ class Array:
             except (ValueError, OSError) as e:
                 await backend.aclose()
                 raise ArrayError(errno.EINVAL, f"{spec.uri}: {e}") from None
+            entry = entry or state.NodeEntry(uri=spec.to_text())
+            try:  # persist first: a change the state dir does not hold is not made
+                self._save(
+                    state.ArrayConfig(
+                        self.name, self.alg_name, alg.options(), (*self.entries, entry)
+                    )
+                )
+            except OSError:
+                await backend.aclose()
+                raise
             node = Node(spec, backend, size, self.nursery)
             self.nodes.append(node)
-            self.entries.append(entry or state.NodeEntry(uri=spec.to_text()))
+            self.entries.append(entry)
             self.alg = alg
             self._layout()
-            self.persist()
         log.info("%s: added node %s (%d sectors)", self.name, spec.uri, size // SECTOR)
         if self.on_resize is not None:
             self.on_resize()
@@ -152,10 +167,11 @@ class Array:
         async with self._change_lock:
             if self.open_count:
                 raise ArrayError(errno.EBUSY, "disk.img is open")
+            empty = make_algorithm(self.alg_name, [], **self.options)
+            self._save(state.ArrayConfig(self.name, self.alg_name, empty.options(), ()))
             nodes, self.nodes = self.nodes, []
             self.entries = []
-            self.alg = make_algorithm(self.alg_name, [], **self.options)
-            self.persist()
+            self.alg = empty
         for node in nodes:
             with trio.CancelScope(shield=True):
                 try:
@@ -178,8 +194,10 @@ class Array:
 
     def replace_entry(self, node: Node, entry: state.NodeEntry) -> None:
         """Record a node's new target (after migration or repointing)."""
-        self.entries[self.nodes.index(node)] = entry
-        self.persist()
+        entries = list(self.entries)
+        entries[self.nodes.index(node)] = entry
+        self._save(state.ArrayConfig(self.name, self.alg_name, self.alg.options(), tuple(entries)))
+        self.entries = entries
 
     # -- I/O
 

@@ -36,6 +36,10 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
         saved = state.load(state_dir)
     except ValueError as e:
         raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"{state_dir}: {e.strerror}") from None
+    if args.chunk and (args.alg and _alg_name(args.alg) != "alg_stripe"):
+        raise CliError("--chunk applies only to --alg stripe")
     alg = _alg_name(args.alg) if args.alg else None
     options = {"chunk": parse_size(args.chunk)} if args.chunk else {}
     if saved is not None:
@@ -56,13 +60,18 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
     alg = alg or "alg_linear"
     if alg == "alg_stripe" and "chunk" not in options:
         options["chunk"] = DEFAULT_CHUNK
+    if options and alg != "alg_stripe":
+        raise CliError("--chunk applies only to --alg stripe")
     try:
         make_algorithm(alg, [], **options)
     except (ValueError, TypeError) as e:
         raise CliError(str(e)) from None
     if not args.node:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return default_config(name, state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            return default_config(name, state_dir)
+        except OSError as e:
+            raise CliError(f"{state_dir}: {e.strerror}") from None
     try:
         entries = tuple(state.NodeEntry(uri=parse_node(n).to_text()) for n in args.node)
     except ValueError as e:
@@ -114,8 +123,12 @@ def _run_daemon(
 
 def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) -> int:
     """Start the daemon in the background; return once it has mounted."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     logfile = state_dir / "daemon.log"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        logfile.touch()
+    except OSError as e:
+        raise CliError(f"{state_dir}: {e.strerror}") from None
     rfd, wfd = os.pipe()
     argv = [sys.executable, "-m", "dstfs"]
     argv += ["-v"] * max(args.verbose, 1)
@@ -188,15 +201,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if reg is not None:
         pid = int(reg["pid"])
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
-        else:
+        if _alive(pid):
             raise CliError(f"daemon {pid} did not exit after unmount")
     return 0
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _control(mountpoint: str, *parts: str) -> Path:

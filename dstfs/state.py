@@ -60,6 +60,10 @@ def load(state_dir: Path) -> ArrayConfig | None:
         return None
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(doc.get("options", {}), dict) or not isinstance(doc["nodes"], list):
+            raise ValueError("options must be an object and nodes a list")
         if doc.get("version") != VERSION:
             raise ValueError(f"unknown version {doc.get('version')!r}")
         return ArrayConfig(
@@ -68,7 +72,7 @@ def load(state_dir: Path) -> ArrayConfig | None:
             options={str(k): int(v) for k, v in doc.get("options", {}).items()},
             nodes=tuple(NodeEntry(**n) for n in doc["nodes"]),
         )
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a dstfs state file: {e}") from None
 
 

@@ -1,0 +1,222 @@
+"""The `dstfs` command line around arrays: every failure is one clear line on
+stderr (no traceback), a non-zero exit, and leaves nothing mounted;
+`status` names every node and its state; `umount` refuses while a loop
+device holds disk.img and leaves the array mounted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mounts import (
+    _subreaper,
+    daemon_pid,
+    is_mounted,
+    loop,
+    mount_cmd,
+    mounted,
+    new_dir,
+    teardown,
+)
+from procs import DSTFS, free_port
+
+MiB = 1 << 20
+
+
+def dstfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(res: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a failed command."""
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert res.stderr.endswith("\n") and res.stderr.count("\n") == 1, res.stderr
+    return res.stderr
+
+
+def node_file(tmp_path: Path, name: str = "a.img") -> Path:
+    path = tmp_path / name
+    path.write_bytes(bytes(4 * MiB))
+    return path
+
+
+def failed_mount(tmp_path: Path, *args: str) -> tuple[str, Path]:
+    """Run a `dstfs mount` expected to fail; its stderr line and the mount dir."""
+    mnt = new_dir(tmp_path, "mnt")
+    try:
+        res = dstfs("mount", str(mnt), "--state", str(tmp_path / f"state-{mnt.name}"), *args)
+        line = one_line(res)
+        assert not is_mounted(mnt)
+        return line, mnt
+    finally:
+        teardown(mnt, daemon_pid(mnt))
+
+
+def test_help_lists_the_commands() -> None:
+    res = dstfs("--help")
+    assert res.returncode == 0
+    for cmd in ("serve", "mount", "umount", "status"):
+        assert cmd in res.stdout
+    res = dstfs("mount", "--help")
+    assert res.returncode == 0 and "--node" in res.stdout and "--state" in res.stdout
+
+
+def test_mount_with_an_unreachable_node_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    line, mnt = failed_mount(tmp_path, "--node", f"nbd://127.0.0.1:{port}")
+    assert line.startswith("dstfs mount: ")
+    assert f"127.0.0.1:{port}" in line and "Connection refused" in line
+    assert not (tmp_path / f"state-{mnt.name}" / "array.json").exists()
+
+
+def test_mount_with_a_second_node_unreachable_mounts_nothing(tmp_path: Path) -> None:
+    good = node_file(tmp_path)
+    line, _ = failed_mount(
+        tmp_path, "--node", f"file://{good}", "--node", f"nbd://127.0.0.1:{free_port()}"
+    )
+    assert "Connection refused" in line
+
+
+def test_mount_on_a_busy_mount_point_is_one_line(tmp_path: Path) -> None:
+    a = node_file(tmp_path)
+    with mounted(tmp_path, nodes=[f"file://{a}"]) as mnt:
+        res = dstfs("mount", str(mnt), "--state", str(tmp_path / "s2"), "--node", f"file://{a}")
+        assert "busy" in one_line(res)
+        assert (mnt / "size").read_text() == f"{4 * MiB // 512}\n"  # the first one still works
+
+
+def test_mount_on_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    res = dstfs("mount", str(tmp_path / "nope"), "--state", str(tmp_path / "s"))
+    line = one_line(res)
+    assert "nope" in line and "not a directory" in line
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+
+
+@pytest.mark.parametrize(
+    "uri", ["nbd://", "bogus://x/y", "nbd://127.0.0.1:99999", "nbd://h/x,size=zero", "nbds://h/x"]
+)
+def test_mount_with_a_malformed_node_uri_is_one_line(tmp_path: Path, uri: str) -> None:
+    line, _ = failed_mount(tmp_path, "--node", uri)
+    assert line.startswith("dstfs mount: ")
+
+
+def test_mount_with_a_bad_algorithm_or_chunk_is_one_line(tmp_path: Path) -> None:
+    a = node_file(tmp_path)
+    line, _ = failed_mount(tmp_path, "--alg", "raid5", "--node", f"file://{a}")
+    assert "unknown algorithm" in line
+    line, _ = failed_mount(tmp_path, "--alg", "stripe", "--chunk", "3000", "--node", str(a))
+    assert "power of two" in line
+
+
+def test_umount_of_something_not_mounted_is_one_line(tmp_path: Path) -> None:
+    assert "not mounted" in one_line(dstfs("umount", str(tmp_path)))
+
+
+def test_umount_while_a_loop_device_holds_disk_img_refuses_and_stays_mounted(
+    tmp_path: Path,
+) -> None:
+    a = node_file(tmp_path)
+    with mounted(tmp_path, nodes=[f"file://{a}"]) as mnt:
+        with loop(mnt / "disk.img"):
+            line = one_line(dstfs("umount", str(mnt)))
+            assert "busy" in line and "losetup -d" in line
+            assert is_mounted(mnt)
+            assert (mnt / "n-0" / "state").read_text() == "online\n"
+        res = dstfs("umount", str(mnt))
+        assert res.returncode == 0, res.stderr
+        assert not is_mounted(mnt)
+
+
+def test_status_names_every_node_and_its_state(tmp_path: Path) -> None:
+    a, b = node_file(tmp_path, "a.img"), node_file(tmp_path, "b.img")
+    with mounted(tmp_path, nodes=[f"file://{a}", f"file://{b}"], name="tbl") as mnt:
+        assert os.system(f"echo 1 > {mnt}/n-8192/suspend") == 0
+        res = dstfs("status", str(mnt))
+        os.system(f"echo 0 > {mnt}/n-8192/suspend")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["array", "tbl"]
+    assert lines[1].split() == ["alg", "alg_linear"]
+    assert lines[2].startswith("size") and "16384 sectors" in lines[2]
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert rows["NODE"][:4] == ["NODE", "STATE", "START", "SIZE"]
+    assert rows["n-0"][1:4] == ["online", "0", "8192"]
+    assert rows["n-8192"][1:4] == ["suspended", "8192", "8192"]
+    assert lines[-2].endswith(f"L: {a}") and lines[-1].endswith(f"L: {b}")
+
+
+def test_status_of_something_not_an_array_is_one_line(tmp_path: Path) -> None:
+    assert "no dstfs array" in one_line(dstfs("status", str(tmp_path)))
+
+
+def test_mount_with_a_corrupt_state_file_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "array.json").write_text("{")
+    mnt = new_dir(tmp_path, "mnt")
+    assert "not a dstfs state file" in one_line(dstfs("mount", str(mnt), "--state", str(state)))
+    assert not is_mounted(mnt)
+
+
+def test_mount_with_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "array.json").write_text("[]\n")
+    mnt = new_dir(tmp_path, "mnt")
+    assert "not a dstfs state file" in one_line(dstfs("mount", str(mnt), "--state", str(state)))
+
+
+def test_mount_with_a_state_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory\n")
+    mnt = new_dir(tmp_path, "mnt")
+    line = one_line(dstfs("mount", str(mnt), "--state", str(state)))
+    assert str(state) in line
+
+
+def test_mount_with_a_state_dir_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    a = node_file(tmp_path)
+    mnt = new_dir(tmp_path, "mnt")
+    try:
+        res = dstfs("mount", str(mnt), "--state", "/proc/dstfs-nope", "--node", f"file://{a}")
+        assert "/proc/dstfs-nope" in one_line(res)
+    finally:
+        teardown(mnt, daemon_pid(mnt))
+
+
+def test_mount_with_chunk_for_linear_says_chunk_is_for_stripe(tmp_path: Path) -> None:
+    a = node_file(tmp_path)
+    line, _ = failed_mount(tmp_path, "--chunk", "64K", "--node", f"file://{a}")
+    assert "__init__" not in line and "stripe" in line
+
+
+def test_umount_returns_once_the_daemon_has_exited_even_if_not_yet_reaped(
+    tmp_path: Path,
+) -> None:
+    # Made the daemon's parent by PR_SET_CHILD_SUBREAPER (see mounts.py), this
+    # process does not reap it while `dstfs umount` runs: a non-reaping init.
+    a = node_file(tmp_path)
+    mnt = new_dir(tmp_path, "mnt")
+    pid = None
+    try:
+        argv = mount_cmd(mnt, tmp_path / "state", [f"file://{a}"])
+        _subreaper(True)
+        try:
+            assert subprocess.run(argv, capture_output=True).returncode == 0
+        finally:
+            _subreaper(False)
+        pid = daemon_pid(mnt)
+        assert dstfs("umount", str(mnt), timeout=3).returncode == 0
+    finally:
+        deadline = time.monotonic() + 10
+        while pid is not None and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            time.sleep(0.05)
+        teardown(mnt, pid)
