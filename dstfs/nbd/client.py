@@ -234,20 +234,9 @@ class NbdClient:
         io = self.io
         conn = self.conn
         pending = self._pending
-        buf = memoryview(bytearray(256 * 1024))
         try:
             while True:
-                pb = conn.payload_buffer()
-                if pb is not None and len(pb) >= 65536:
-                    n = await io.recv_into(pb)
-                    if n:
-                        conn.payload_received(n)
-                else:
-                    n = await io.recv_into(buf)
-                    if n:
-                        conn.receive_data(buf[:n])
-                if not n:
-                    raise ConnectionLost("server closed the connection")
+                await io.fill(conn)
                 while (ev := conn.next_event()) is not None:
                     if type(ev) is not P.SimpleReply:
                         raise P.ProtocolError(f"unexpected {type(ev).__name__} from server")

@@ -29,6 +29,7 @@ import attrs
 import trio
 
 from dstfs.backends.base import Backend, ConnectionLost
+from dstfs.backends.file import FileBackend
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
 
@@ -168,8 +169,9 @@ class _Session:
         self.server = server
         self.io = io
         self.conn = P.ServerConnection()
+        self.pool = P.BufferPool()
+        self.conn.alloc = self.pool.take
         self.export: Export | None = None
-        self.buf = memoryview(bytearray(256 * 1024))
         self.durable_slots = trio.Semaphore(MAX_DURABLE)
 
     async def run(self) -> None:
@@ -189,26 +191,12 @@ class _Session:
         if error is not None:
             raise error
 
-    async def _fill(self) -> None:
-        conn = self.conn
-        pb = conn.payload_buffer()
-        if pb is not None and len(pb) >= 65536:
-            n = await self.io.recv_into(pb)
-            if n:
-                conn.payload_received(n)
-        else:
-            n = await self.io.recv_into(self.buf)
-            if n:
-                conn.receive_data(self.buf[:n])
-        if not n:
-            raise ConnectionLost("client closed the connection")
-
     async def _loop(self) -> None:
         conn = self.conn
         while True:
             ev = conn.next_event()
             if ev is None:
-                await self._fill()
+                await self.io.fill(conn)
                 continue
             if type(ev) is P.Request:
                 if self.io.queued > HIGH_WATER:
@@ -340,6 +328,8 @@ class _Session:
                     await self._start_durable(req)
                     return True
                 await backend.pwrite(req.offset, req.data)
+                if type(req.data) is bytearray and isinstance(backend, FileBackend):
+                    self.pool.give(req.data)  # written: a file keeps no reference
             elif cmd == C.FLUSH:
                 await self._start_durable(req)
                 return True

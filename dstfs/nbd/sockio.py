@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import socket
+from typing import Protocol
 
 import outcome
 import trio
@@ -32,6 +33,16 @@ _IOV_MAX = 1024
 HIGH_WATER = 8 << 20
 #: Scheduler rounds the sender waits while the queue keeps growing.
 COALESCE_ROUNDS = int(os.environ.get("DSTFS_COALESCE", "2"))
+
+
+#: A pending payload at least this big is received straight into its buffer.
+_DIRECT_MIN = 16 * 1024
+
+
+class Decoder(Protocol):
+    def payload_buffer(self) -> memoryview | None: ...
+    def payload_received(self, n: int) -> None: ...
+    def receive_data(self, data: memoryview) -> None: ...
 
 
 class FileSlice:
@@ -61,6 +72,9 @@ class SocketIO:
         self._sender_parked = False
         self._room = trio.Event()
         self._room.set()
+        self._bounce = memoryview(bytearray(256 * 1024))
+        self._bounce_small = self._bounce[:4096]
+        self._big_payloads = False
 
     # -- batched sending (the hot path)
 
@@ -234,6 +248,29 @@ class SocketIO:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 raise ConnectionLost(f"{self.peer}: socket closed") from None
+
+    async def fill(self, decoder: Decoder) -> None:
+        """Receive into `decoder`: a large pending payload straight into its
+        own buffer, anything else through a bounce buffer. After a large
+        payload the bounce read is kept small, so the next payload (likely
+        large too) is copied once, from the kernel into its buffer, not twice.
+        ConnectionLost when the peer closed."""
+        pb = decoder.payload_buffer()
+        if pb is not None and len(pb) >= _DIRECT_MIN:
+            n = await self.recv_into(pb)
+            if n:
+                decoder.payload_received(n)
+                self._big_payloads = True
+        else:
+            bounce = self._bounce_small if self._big_payloads else self._bounce
+            n = await self.recv_into(bounce)
+            if n:
+                decoder.receive_data(bounce[:n])
+                # Stay small only while the data keeps opening large payloads.
+                pb = decoder.payload_buffer()
+                self._big_payloads = pb is not None and len(pb) >= _DIRECT_MIN
+        if not n:
+            raise ConnectionLost(f"{self.peer}: closed by the peer")
 
     def _fail(self, reason: str) -> ConnectionLost:
         if self.broken is None:
