@@ -307,12 +307,17 @@ class Array:
             self.stats.errors += 1
             raise errors[0]
 
-    async def aclose(self) -> None:
-        """Flush and disconnect every node."""
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Flush and disconnect every node (bounded: a dead node cannot
+        keep the daemon from exiting)."""
         with trio.CancelScope(shield=True):
-            try:
-                await self.flush()
-            except OSError as e:
-                log.error("%s: final flush failed: %s", self.name, e)
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await self.flush()
+                except OSError as e:
+                    log.error("%s: final flush failed: %s", self.name, e)
+            if scope.cancelled_caught:
+                log.error("%s: final flush gave no answer in %g s", self.name, timeout)
             for node in self.nodes:
-                await node.aclose()
+                with trio.move_on_after(5):
+                    await node.aclose()

@@ -95,11 +95,17 @@ class MigrationFilter(BackendFilter):
                     except OSError as e:
                         err.append(e)
 
+                old_err: OSError | None = None
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(on_new)
-                    await op(self.inner)  # type: ignore[misc]
+                    try:
+                        await op(self.inner)  # type: ignore[misc]
+                    except OSError as e:  # raised outside the nursery: no group
+                        old_err = e
                 if err:
                     self.fail(f"write to the new target failed: {err[0]}")
+                if old_err is not None:
+                    raise old_err
             else:
                 await op(self.inner)  # type: ignore[misc]
         finally:
@@ -163,7 +169,7 @@ class Migration:
         node.backend = filt
         node.migration = self
         reason = None
-        try:
+        try:  # nothing may escape: this runs in the daemon's own nursery
             with self.cancel_scope:
                 await self._copy(filt)
                 await self._switch(filt, new)
@@ -173,6 +179,9 @@ class Migration:
             reason = str(e)
         except OSError as e:
             reason = f"{e.strerror or e}"
+        except Exception as e:
+            log.exception("%s: migration crashed", node.name)
+            reason = f"internal error: {e!r}"
         finally:
             node.migration = None
             if self.status != "done":
@@ -189,22 +198,26 @@ class Migration:
         chunk = filt.chunk
 
         async def worker() -> None:
+            # Workers end quietly on failure (filt.error says why): an
+            # exception here would reach the caller wrapped in a group.
             nonlocal next_chunk
-            while next_chunk < filt.nchunks:
-                if filt.error is not None:
-                    raise MigrationFailed(filt.error)
+            while next_chunk < filt.nchunks and filt.error is None:
                 index = next_chunk
                 next_chunk += 1
                 offset = index * chunk
                 length = min(chunk, total - offset)
                 await filt.claim(index)
                 try:
-                    data = await self.node.read(offset, length)  # old target, via the gate
+                    try:
+                        data = await self.node.read(offset, length)  # old target, via the gate
+                    except OSError as e:
+                        filt.fail(f"read from the old target failed: {e.strerror or e}")
+                        return
                     try:
                         await filt.new.pwrite(offset, data)
                     except OSError as e:
                         filt.fail(f"write to the new target failed: {e.strerror or e}")
-                        raise MigrationFailed(filt.error) from None
+                        return
                 finally:
                     filt.release(index)
                 self.copied += length

@@ -276,7 +276,7 @@ class Node:
     async def _reconnect_loop(self) -> None:
         reconnect = getattr(self.backend, "reconnect", None)
         delay = BACKOFF_MIN
-        try:
+        try:  # nothing may escape: this runs in the daemon's own nursery
             while True:
                 limit = CONNECT_TIMEOUT
                 if not self._failed and self.timeout > 0:
@@ -291,7 +291,7 @@ class Node:
                 try:
                     with trio.fail_after(limit):
                         await reconnect()
-                except (OSError, trio.TooSlowError) as e:
+                except Exception as e:  # OSError, TooSlowError, a group from connect
                     log.debug("%s: reconnect failed: %s", self.name, e)
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
