@@ -224,18 +224,16 @@ class Array:
 
     async def _read_many(self, extents: list[Extent], length: int) -> bytearray:
         buf = bytearray(length)
+        view = memoryview(buf)
         errors: list[OSError] = []
 
         async def one(e: Extent) -> None:
+            # Each node's reply lands straight in its segments of the result.
+            into = [view[boff : boff + blen] for boff, blen in e.segments]
             try:
-                data = memoryview(await self.nodes[e.node].read(e.node_offset, e.length))
+                await self.nodes[e.node].read(e.node_offset, e.length, into)
             except OSError as exc:
                 errors.append(exc)
-                return
-            pos = 0
-            for boff, blen in e.segments:
-                buf[boff : boff + blen] = data[pos : pos + blen]
-                pos += blen
 
         async with trio.open_nursery() as nursery:
             for e in extents:

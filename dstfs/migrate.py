@@ -31,7 +31,7 @@ import trio
 
 from dstfs import state
 from dstfs.array import Array, open_backend
-from dstfs.backends.base import Backend, BackendFilter, Buffer
+from dstfs.backends.base import Backend, BackendFilter, Buffer, read_into
 from dstfs.control import Attr, ControlError, Tree
 from dstfs.node import Node
 from dstfs.uri import NodeSpec, parse_node
@@ -110,6 +110,9 @@ class MigrationFilter(BackendFilter):
                 await op(self.inner)  # type: ignore[misc]
         finally:
             self._leave(chunks)
+
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        await read_into(self.inner, offset, views)  # reads: the old target, unchanged
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self._mirror(lambda b: b.pwrite(offset, data, fua), self._chunks(offset, len(data)))

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from dstfs.backends.base import Backend, Buffer, ConnectionLost
+from dstfs.backends.base import Backend, Buffer, ConnectionLost, read_into
 from dstfs.uri import NodeSpec
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,11 @@ class Node:
 
     # -- requests
 
-    async def read(self, offset: int, length: int) -> Buffer:
+    async def read(
+        self, offset: int, length: int, into: list[memoryview] | None = None
+    ) -> Buffer | None:
+        """The bytes, or None when `into` (views adding up to `length`) was
+        given and filled in place."""
         stats = self.stats
         while True:
             if not self._ready:
@@ -170,7 +174,11 @@ class Node:
             self._inflight += 1
             t0 = time.perf_counter_ns()
             try:
-                data = await self.backend.pread(offset, length)
+                if into is None:
+                    data = await self.backend.pread(offset, length)
+                else:
+                    await read_into(self.backend, offset, into)
+                    data = None
             except ConnectionLost as e:
                 self._connection_lost(e)
                 continue

@@ -47,6 +47,25 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def read_into(backend: Backend, offset: int, views: list[memoryview]) -> None:
+    """Read into `views` in order: in place where the backend offers
+    `pread_into` (an optional method), else through `pread` and a copy."""
+    direct = getattr(backend, "pread_into", None)
+    if direct is not None:
+        await direct(offset, views)
+        return
+    scatter(await backend.pread(offset, sum(len(v) for v in views)), views)
+
+
+def scatter(data: Buffer, views: list[memoryview]) -> None:
+    """Copy `data` across `views`, in order."""
+    mv = memoryview(data)
+    pos = 0
+    for v in views:
+        v[:] = mv[pos : pos + len(v)]
+        pos += len(v)
+
+
 class BackendFilter:
     """Base for wrappers: every call goes to `inner` unless overridden."""
 
@@ -60,6 +79,10 @@ class BackendFilter:
 
     async def pread(self, offset: int, length: int) -> Buffer:
         return await self.inner.pread(offset, length)
+
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        # Through this filter's pread, so a filter that changes reads is obeyed.
+        scatter(await self.pread(offset, sum(len(v) for v in views)), views)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self.inner.pwrite(offset, data, fua)

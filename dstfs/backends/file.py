@@ -105,6 +105,27 @@ class FileBackend:
             data += bytes(length - len(data))
         return data
 
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        if self.is_block:
+            await trio.to_thread.run_sync(self._preadv, offset, views)
+        else:
+            self._preadv(offset, views)
+
+    def _preadv(self, offset: int, views: list[memoryview]) -> None:
+        want = sum(len(v) for v in views)
+        n = os.preadv(self.fd, views, offset)
+        if n < want:  # short file, or a short read: finish piece by piece
+            data = self._pread(offset + n, want - n)
+            pos = 0
+            for v in views:
+                if n >= len(v):
+                    n -= len(v)
+                    continue
+                take = len(v) - n
+                v[n:] = data[pos : pos + take]
+                pos += take
+                n = 0
+
     def file_slice(self, offset: int, length: int) -> FileSlice | None:
         """The range as a FileSlice for sendfile(2) (regular files only)."""
         if self.is_block or self.fd < 0:

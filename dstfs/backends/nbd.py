@@ -87,6 +87,9 @@ class NbdBackend:
     async def pread(self, offset: int, length: int) -> Buffer:
         return await self._pick().pread(offset, length)
 
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        await self._pick().pread_into(offset, views)
+
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self._pick().pwrite(offset, data, fua)
 

@@ -127,7 +127,13 @@ class NbdClient:
     # -- requests
 
     async def _request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, data: Buffer | None = None
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        data: Buffer | None = None,
+        into: list[memoryview] | None = None,
     ) -> object:
         if self.lost is not None:
             raise ConnectionLost(f"{self.name}: {self.lost}")
@@ -144,7 +150,7 @@ class NbdClient:
         try:
             if io.queued > HIGH_WATER:
                 await io.wait_room()
-            header = self.conn.request(cmd, cookie, offset, length, flags)
+            header = self.conn.request(cmd, cookie, offset, length, flags, into)
             if data is None:
                 io.send_soon(header)
             else:
@@ -166,6 +172,10 @@ class NbdClient:
 
     async def pread(self, offset: int, length: int) -> Buffer:
         return await self._request(P.Cmd.READ, offset, length)  # type: ignore[return-value]
+
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        """Read into `views` (in order), received in place: no copy."""
+        await self._request(P.Cmd.READ, offset, sum(len(v) for v in views), into=views)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         flags = P.CmdFlag.FUA if fua and self.flags & P.TransmissionFlag.SEND_FUA else 0

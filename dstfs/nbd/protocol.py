@@ -386,6 +386,9 @@ class _Decoder:
         self._payload: bytearray | None = None
         self._filled = 0
         self._discard = 0
+        #: A payload received in place into the caller's buffers (scatter).
+        self._segs: list[memoryview] | None = None
+        self._seg = 0
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -394,6 +397,10 @@ class _Decoder:
             n = min(self._discard, len(data))
             self._discard -= n
             data = memoryview(data)[n:]
+            if not data:
+                return
+        if self._segs is not None and self._pos == len(self._buf):
+            data = self._scatter(memoryview(data))
             if not data:
                 return
         if self._payload is not None and self._pos == len(self._buf):
@@ -417,13 +424,72 @@ class _Decoder:
     def payload_buffer(self) -> memoryview | None:
         """A writable view of the rest of the payload being received, or None.
         Fill it (e.g. with recv_into) and call `payload_received(n)`."""
-        if self._payload is None or self._pos < len(self._buf):
+        if self._pos < len(self._buf):
+            return None
+        if self._segs is not None:
+            return self._segs[self._seg][self._filled :] if self._seg < len(self._segs) else None
+        if self._payload is None:
             return None
         return memoryview(self._payload)[self._filled :]
 
+    def payload_buffers(self) -> list[memoryview] | None:
+        """Like payload_buffer(), but every remaining piece of a scattered
+        payload, for one recvmsg_into(); then `payload_received(n)`."""
+        if self._segs is None or self._pos < len(self._buf) or self._seg >= len(self._segs):
+            view = self.payload_buffer()
+            return None if view is None else [view]
+        rest = self._segs[self._seg : self._seg + 64]
+        return [rest[0][self._filled :], *rest[1:]]
+
     def payload_received(self, n: int) -> None:
+        segs = self._segs
+        if segs is not None:
+            while n:
+                take = min(n, len(segs[self._seg]) - self._filled)
+                self._filled += take
+                n -= take
+                self._next_seg()
+            return
         assert self._payload is not None and self._filled + n <= len(self._payload)
         self._filled += n
+
+    def _next_seg(self) -> None:
+        segs = self._segs
+        assert segs is not None
+        while self._seg < len(segs) and self._filled == len(segs[self._seg]):
+            self._seg += 1
+            self._filled = 0
+
+    def _scatter(self, data: memoryview) -> memoryview:
+        """Copy data into the scatter segments; return what is left over."""
+        segs = self._segs
+        assert segs is not None
+        while data and self._seg < len(segs):
+            seg = segs[self._seg]
+            n = min(len(seg) - self._filled, len(data))
+            seg[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            self._next_seg()
+        return data
+
+    def _start_scatter(self, segs: list[memoryview]) -> None:
+        self._segs = segs
+        self._seg = 0
+        self._filled = 0
+        self._next_seg()
+        pos = self._pos
+        if pos < len(self._buf):
+            rest = self._scatter(memoryview(self._buf)[pos:])
+            self._pos = len(self._buf) - len(rest)
+
+    def _scatter_done(self) -> bool:
+        segs = self._segs
+        if segs is None or self._seg < len(segs):
+            return False
+        self._segs = None
+        self._filled = 0
+        return True
 
     @property
     def buffered(self) -> int:
@@ -652,7 +718,7 @@ class ClientConnection(_Decoder):
         self.server_flags = 0
         self.client_flags = 0
         self._last_opt: int | None = None
-        self._reads: dict[int, int] = {}
+        self._reads: dict[int, int | list[memoryview]] = {}
         self._reply: tuple[int, ...] | None = None
         self.structured_replies = False
 
@@ -674,12 +740,27 @@ class ClientConnection(_Decoder):
             self._last_opt = opt
         return _OPTION.pack(IHAVEOPT, opt, len(data)) + data
 
-    def request(self, cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
-        """A request header; a WRITE's `length` bytes of data must follow it."""
+    def request(
+        self,
+        cmd: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        into: list[memoryview] | None = None,
+    ) -> bytes:
+        """A request header; a WRITE's `length` bytes of data must follow it.
+        A READ with `into` (views adding up to `length`) has its data placed
+        there as it arrives; its reply event then carries no data."""
         if self.phase is not _Phase.TRANSMISSION:
             raise RuntimeError(f"request in phase {self.phase.value}")
         if cmd == Cmd.READ:
-            self._reads[cookie] = length
+            if into is not None:
+                if sum(len(v) for v in into) != length:
+                    raise ValueError("read buffers do not add up to the length")
+                self._reads[cookie] = into
+            else:
+                self._reads[cookie] = length
         elif cmd == Cmd.DISC:
             self.phase = _Phase.CLOSED
         return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
@@ -746,6 +827,12 @@ class ClientConnection(_Decoder):
 
     def _next_reply(self) -> SimpleReply | StructuredChunk | None:
         if self._reply is not None:
+            if self._segs is not None:
+                if not self._scatter_done():
+                    return None
+                cookie = self._reply[0]
+                self._reply = None
+                return SimpleReply(cookie, 0)  # the data is in the caller's buffers
             data = self._payload_done()
             if data is None:
                 return None
@@ -762,11 +849,14 @@ class ClientConnection(_Decoder):
         if magic == SIMPLE_REPLY_MAGIC:
             _, error, cookie = _SIMPLE_REPLY.unpack_from(buf, pos)
             self._pos = pos + 16
-            length = self._reads.pop(cookie, None)
-            if length is None or error:
+            wanted = self._reads.pop(cookie, None)
+            if wanted is None or error:
                 return SimpleReply(cookie, error)
             self._reply = (cookie, 0)
-            self._start_payload(length)
+            if type(wanted) is int:
+                self._start_payload(wanted)
+            else:
+                self._start_scatter(wanted)  # type: ignore[arg-type]
             return self._next_reply()
         if magic == STRUCTURED_REPLY_MAGIC:
             if len(buf) - pos < 20:

@@ -41,6 +41,7 @@ _DIRECT_MIN = 16 * 1024
 
 class Decoder(Protocol):
     def payload_buffer(self) -> memoryview | None: ...
+    def payload_buffers(self) -> list[memoryview] | None: ...
     def payload_received(self, n: int) -> None: ...
     def receive_data(self, data: memoryview) -> None: ...
 
@@ -234,6 +235,21 @@ class SocketIO:
             self._fail("send interrupted")
             raise
 
+    async def recvmsg_into(self, bufs: list[memoryview]) -> int:
+        """Like recv_into, scattering over `bufs`."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recvmsg_into(bufs)[0]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                raise ConnectionLost(f"{self.peer}: socket closed") from None
+
     async def recv_into(self, buf: memoryview) -> int:
         """Receive at least one byte into `buf`; 0 means the peer closed."""
         sock = self.sock
@@ -255,9 +271,9 @@ class SocketIO:
         payload the bounce read is kept small, so the next payload (likely
         large too) is copied once, from the kernel into its buffer, not twice.
         ConnectionLost when the peer closed."""
-        pb = decoder.payload_buffer()
-        if pb is not None and len(pb) >= _DIRECT_MIN:
-            n = await self.recv_into(pb)
+        pbs = decoder.payload_buffers()
+        if pbs is not None and sum(len(b) for b in pbs) >= _DIRECT_MIN:
+            n = await (self.recv_into(pbs[0]) if len(pbs) == 1 else self.recvmsg_into(pbs))
             if n:
                 decoder.payload_received(n)
                 self._big_payloads = True
