@@ -1114,3 +1114,47 @@ def test_constants_match_the_spec() -> None:
     assert (ReplyType.OFFSET_HOLE, ReplyType.BLOCK_STATUS) == (2, 5)
     assert (ReplyType.ERROR, ReplyType.ERROR_OFFSET) == (32769, 32770)
     assert MAX_PAYLOAD == 32 << 20
+
+
+# ---------------------------------------------------------------- reads into caller buffers
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_read_reply_scatters_into_caller_views(piece: int, in_place: bool) -> None:
+    client, _ = connected()
+    data = bytes(range(256)) * 40  # 10240 bytes
+    target = bytearray(len(data))
+    view = memoryview(target)
+    # Out of order on purpose: the views, not the buffer, set where bytes go.
+    views = [view[5000:], view[0:5000]]
+    client.request(0, 77, 0, len(data), into=views)
+    wire = struct.pack(">IIQ", 0x67446698, 0, 77) + data + struct.pack(">IIQ", 0x67446698, 0, 78)
+    events = []
+    pos = 0
+    while pos < len(wire):
+        bufs = client.payload_buffers() if in_place else None
+        if bufs:
+            n = 0
+            for b in bufs:
+                take = min(len(b), piece - n, len(wire) - pos - n)
+                b[:take] = wire[pos + n : pos + n + take]
+                n += take
+                if n == piece or pos + n == len(wire):
+                    break
+            client.payload_received(n)
+        else:
+            n = min(piece, len(wire) - pos)
+            client.receive_data(wire[pos : pos + n])
+        pos += n
+        while (ev := client.next_event()) is not None:
+            events.append(ev)
+    assert events == [SimpleReply(77, 0), SimpleReply(78, 0)]
+    assert bytes(target[5000:]) == data[:5240]
+    assert bytes(target[:5000]) == data[5240:]
+
+
+def test_read_into_views_must_add_up() -> None:
+    client, _ = connected()
+    with pytest.raises(ValueError, match="add up"):
+        client.request(0, 1, 0, 100, into=[memoryview(bytearray(99))])
