@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -49,6 +50,24 @@ class ArrayStats:
 
     def render(self) -> str:
         return "".join(f"{k} {v}\n" for k, v in attrs.asdict(self).items())
+
+
+async def _all(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
+    """Run the jobs concurrently; once all have finished, raise the first
+    OSError (outside the nursery, so callers see a plain errno)."""
+    errors: list[OSError] = []
+
+    async def run(job: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await job()
+        except OSError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for job in jobs:
+            nursery.start_soon(run, job)
+    if errors:
+        raise errors[0]
 
 
 async def open_backend(spec: NodeSpec, nursery: trio.Nursery, connections: int = 1) -> Backend:
@@ -225,21 +244,16 @@ class Array:
     async def _read_many(self, extents: list[Extent], length: int) -> bytearray:
         buf = bytearray(length)
         view = memoryview(buf)
-        errors: list[OSError] = []
-
-        async def one(e: Extent) -> None:
-            # Each node's reply lands straight in its segments of the result.
-            into = [view[boff : boff + blen] for boff, blen in e.segments]
-            try:
-                await self.nodes[e.node].read(e.node_offset, e.length, into)
-            except OSError as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for e in extents:
-                nursery.start_soon(one, e)
-        if errors:
-            raise errors[0]
+        # Each node's reply lands straight in its segments of the result.
+        await _all(
+            partial(
+                self.nodes[e.node].read,
+                e.node_offset,
+                e.length,
+                [view[boff : boff + blen] for boff, blen in e.segments],
+            )
+            for e in extents
+        )
         return buf
 
     async def write(self, offset: int, data: Buffer) -> int:
@@ -268,42 +282,22 @@ class Array:
         return length
 
     async def _write_many(self, extents: list[Extent], view: memoryview) -> None:
-        errors: list[OSError] = []
-
-        async def one(e: Extent) -> None:
+        def piece(e: Extent) -> Buffer:
             if len(e.segments) == 1:
                 boff, blen = e.segments[0]
-                piece: Buffer = view[boff : boff + blen]
-            else:
-                piece = b"".join(view[o : o + n] for o, n in e.segments)
-            try:
-                await self.nodes[e.node].write(e.node_offset, piece)
-            except OSError as exc:
-                errors.append(exc)
+                return view[boff : boff + blen]
+            return b"".join(view[o : o + n] for o, n in e.segments)
 
-        async with trio.open_nursery() as nursery:
-            for e in extents:
-                nursery.start_soon(one, e)
-        if errors:
-            raise errors[0]
+        await _all(partial(self.nodes[e.node].write, e.node_offset, piece(e)) for e in extents)
 
     async def flush(self) -> None:
         """NBD_CMD_FLUSH (or fsync) on every node, concurrently."""
-        errors: list[OSError] = []
-
-        async def one(node: Node) -> None:
-            try:
-                await node.flush()
-            except OSError as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for node in self.nodes:
-                nursery.start_soon(one, node)
         self.stats.flushes += 1
-        if errors:
+        try:
+            await _all(node.flush for node in self.nodes)
+        except OSError:
             self.stats.errors += 1
-            raise errors[0]
+            raise
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """Flush and disconnect every node (bounded: a dead node cannot

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 import outcome
@@ -237,31 +238,22 @@ class SocketIO:
 
     async def recvmsg_into(self, bufs: list[memoryview]) -> int:
         """Like recv_into, scattering over `bufs`."""
-        sock = self.sock
-        while True:
-            try:
-                return sock.recvmsg_into(bufs)[0]
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                raise ConnectionLost(f"{self.peer}: socket closed") from None
+        return await self._receive(lambda: self.sock.recvmsg_into(bufs)[0])
 
     async def recv_into(self, buf: memoryview) -> int:
         """Receive at least one byte into `buf`; 0 means the peer closed."""
-        sock = self.sock
+        return await self._receive(lambda: self.sock.recv_into(buf))
+
+    async def _receive(self, attempt: Callable[[], int]) -> int:
         while True:
             try:
-                return sock.recv_into(buf)
+                return attempt()
             except BlockingIOError:
                 pass
             except OSError as e:
                 raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
             try:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(self.sock)
             except trio.ClosedResourceError:
                 raise ConnectionLost(f"{self.peer}: socket closed") from None
 
