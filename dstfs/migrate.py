@@ -1,9 +1,10 @@
 """Live migration and repointing of a node.
 
 Rules of a migration (DESIGN.md, "Live migration"):
-- The node's used range is copied to the new target in chunks, several in
-  flight, in order, while the disk stays in use. Reads are served by the old
-  target throughout.
+- The node's used range is copied to the new target in chunks, in order,
+  four in flight while the disk is idle and one while it is in use (so the
+  foreground keeps most of the bandwidth), while the disk stays in use. Reads
+  are served by the old target throughout.
 - The node's backend is wrapped by `MigrationFilter` while copying. A write
   that reaches a chunk already claimed by the copier goes to both targets; a
   write beyond goes to the old one only (the copier will carry it over). A
@@ -39,7 +40,10 @@ from dstfs.uri import NodeSpec, parse_node
 log = logging.getLogger(__name__)
 
 CHUNK = 2 << 20
+#: Chunks in flight when the disk is idle; one while it is in use.
 WORKERS = 4
+FOREGROUND_WINDOW = 0.2
+YIELD_SLEEP = 0.05
 
 
 class MigrationFailed(Exception):
@@ -158,6 +162,17 @@ class Migration:
         self.filter: MigrationFilter | None = None
         self.cancel_scope = trio.CancelScope()
         self.started = time.monotonic()
+        self._fg_count = -1
+        self._fg_time = 0.0
+
+    def _foreground_busy(self) -> bool:
+        """Whether disk.img saw I/O within the last FOREGROUND_WINDOW s."""
+        stats = self.array.stats
+        count = stats.reads + stats.writes
+        now = time.monotonic()
+        if count != self._fg_count:
+            self._fg_count, self._fg_time = count, now
+        return now - self._fg_time < FOREGROUND_WINDOW
 
     def show(self) -> str:
         if self.status == "copying":
@@ -200,11 +215,16 @@ class Migration:
         total = self.total
         chunk = filt.chunk
 
-        async def worker() -> None:
+        async def worker(number: int) -> None:
             # Workers end quietly on failure (filt.error says why): an
             # exception here would reach the caller wrapped in a group.
             nonlocal next_chunk
             while next_chunk < filt.nchunks and filt.error is None:
+                if number and self._foreground_busy():
+                    # The disk is in use: copy with one worker, leave the rest
+                    # of the node's bandwidth to the foreground.
+                    await trio.sleep(YIELD_SLEEP)
+                    continue
                 index = next_chunk
                 next_chunk += 1
                 offset = index * chunk
@@ -226,8 +246,8 @@ class Migration:
                 self.copied += length
 
         async with trio.open_nursery() as nursery:
-            for _ in range(WORKERS):
-                nursery.start_soon(worker)
+            for number in range(WORKERS):
+                nursery.start_soon(worker, number)
         if filt.error is not None:
             raise MigrationFailed(filt.error)
 
