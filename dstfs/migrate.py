@@ -34,6 +34,7 @@ from dstfs import state
 from dstfs.array import Array, open_backend
 from dstfs.backends.base import Backend, BackendFilter, Buffer, read_into
 from dstfs.control import Attr, ControlError, Tree
+from dstfs.node import DEFAULT_TIMEOUT as DEFAULT_NODE_TIMEOUT
 from dstfs.node import Node
 from dstfs.uri import NodeSpec, parse_node
 
@@ -53,9 +54,19 @@ class MigrationFailed(Exception):
 class MigrationFilter(BackendFilter):
     """Old target underneath; mirrors writes to the new target as needed."""
 
-    def __init__(self, old: Backend, new: Backend, size: int, chunk: int = CHUNK) -> None:
+    def __init__(
+        self,
+        old: Backend,
+        new: Backend,
+        size: int,
+        chunk: int = CHUNK,
+        timeout: float = DEFAULT_NODE_TIMEOUT,
+    ) -> None:
         super().__init__(old)
         self.new = new
+        #: Seconds the new target may take for one request before the
+        #: migration is failed (a silent target must not hold the node).
+        self.timeout = timeout
         self.chunk = chunk
         self.nchunks = math.ceil(size / chunk)
         #: Highest chunk index handed to a copier so far (-1: none).
@@ -95,7 +106,10 @@ class MigrationFilter(BackendFilter):
 
                 async def on_new() -> None:
                     try:
-                        await op(self.new)  # type: ignore[misc]
+                        with trio.fail_after(self.timeout):
+                            await op(self.new)  # type: ignore[misc]
+                    except trio.TooSlowError:
+                        err.append(OSError(errno.ETIMEDOUT, f"no answer in {self.timeout:g} s"))
                     except OSError as e:
                         err.append(e)
 
@@ -182,7 +196,7 @@ class Migration:
     async def run(self, new: Backend) -> None:
         node = self.node
         old = node.backend
-        filt = MigrationFilter(old, new, self.total)
+        filt = MigrationFilter(old, new, self.total, timeout=node.timeout or DEFAULT_NODE_TIMEOUT)
         self.filter = filt
         node.backend = filt
         node.migration = self
@@ -237,7 +251,11 @@ class Migration:
                         filt.fail(f"read from the old target failed: {e.strerror or e}")
                         return
                     try:
-                        await filt.new.pwrite(offset, data)
+                        with trio.fail_after(filt.timeout):
+                            await filt.new.pwrite(offset, data)
+                    except trio.TooSlowError:
+                        filt.fail(f"the new target gave no answer in {filt.timeout:g} s")
+                        return
                     except OSError as e:
                         filt.fail(f"write to the new target failed: {e.strerror or e}")
                         return
@@ -259,7 +277,10 @@ class Migration:
             if filt.error is not None:
                 raise MigrationFailed(filt.error)
             try:
-                await new.flush()
+                with trio.fail_after(filt.timeout):
+                    await new.flush()
+            except trio.TooSlowError:
+                raise MigrationFailed("the new target did not answer the final flush") from None
             except OSError as e:
                 raise MigrationFailed(f"flush of the new target failed: {e.strerror or e}") from e
             old = filt.inner

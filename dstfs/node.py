@@ -222,13 +222,15 @@ class Node:
                 stats.latency_max_ns = dt
             return
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    async def _call(self, what: str, fn: Callable[[Backend], Awaitable[None]]) -> None:
+        """`fn(backend)` past the gate; the backend is looked up only then,
+        since a repoint or a migration may have replaced it meanwhile."""
         while True:
             if not self._ready:
                 await self._pass_gate()
             self._inflight += 1
             try:
-                await fn()
+                await fn(self.backend)
                 return
             except ConnectionLost as e:
                 self._connection_lost(e)
@@ -240,11 +242,11 @@ class Node:
                 self._done()
 
     async def flush(self) -> None:
-        await self._call("flush", self.backend.flush)
+        await self._call("flush", lambda backend: backend.flush())
         self.stats.flushes += 1
 
     async def trim(self, offset: int, length: int) -> None:
-        await self._call(f"trim {offset}+{length}", lambda: self.backend.trim(offset, length))
+        await self._call(f"trim {offset}+{length}", lambda backend: backend.trim(offset, length))
 
     # -- suspend
 
