@@ -39,10 +39,6 @@ DEFAULT_NODE_SIZE = 1 << 30
 DEFAULT_NODES = 2
 
 
-class MountError(Exception):
-    pass
-
-
 def runtime_dir() -> Path:
     if os.getuid() == 0:
         return Path("/run/dstfs")

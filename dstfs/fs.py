@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import pyfuse3
-import trio
 
 from dstfs.array import Array
 from dstfs.control import Attr, ControlError, ControlTree
@@ -297,17 +296,3 @@ class DstFs(pyfuse3.Operations):
 
     async def link(self, *args: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EPERM)
-
-
-async def serve_fuse(ops: DstFs, mountpoint: str, fsname: str, max_tasks: int = 128) -> None:
-    """Mount, run until unmounted or terminated, then close the session."""
-    options = set(pyfuse3.default_options)
-    options |= {f"fsname={fsname}", "subtype=dstfs"}
-    if os.getuid() == 0:
-        options.add("allow_other")
-    pyfuse3.init(ops, mountpoint, options)
-    try:
-        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
-    finally:
-        with trio.CancelScope(shield=True):
-            pyfuse3.close(unmount=True)
