@@ -1,0 +1,280 @@
+"""Acceptance: live migration of a node under load, its failures, cancel, CLI.
+
+Two-node linear arrays mounted with `dstfs mount`. The load is either an
+ext4 filesystem on a loop device with a thread writing files of known
+sha256, or O_DIRECT block writers on the loop device (tests/load.py). After
+a migration the old server is stopped before anything is checked, so every
+byte read back must come from the new target; remounts read through fresh
+loop devices, so nothing comes from a cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from load import (
+    FileWriter,
+    RangeWriter,
+    ctl,
+    ctl_write,
+    verify_blocks,
+    verify_files,
+    wait_for,
+    watchdog,
+    writing,
+)
+from mounts import ext4, is_mounted, loop, mounted
+from procs import DSTFS, dstfs_server, free_port, nbdkit_proc, need, stop
+
+from dstfs.uri import parse_node
+
+MiB = 1 << 20
+COPYING = re.compile(r"copying (\d+)/(\d+) sectors")
+
+
+def follow(mnt: Path, node: str = "n-0", timeout: float = 60.0) -> tuple[list[str], set[str]]:
+    """Poll `node/migrate` until done or failed: the statuses and states seen."""
+    seen: list[str] = []
+    states: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ctl(mnt, node, "migrate")
+        states.add(ctl(mnt, node, "state"))
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == "done" or status.startswith("failed"):
+            return seen, states
+        assert time.monotonic() < deadline, f"migration still {status!r} after {timeout}s"
+        time.sleep(0.02)
+
+
+def wait_copying(mnt: Path, node: str = "n-0", timeout: float = 30.0) -> str:
+    """Wait until the copy has made some progress but is not finished."""
+
+    def midway() -> str | None:
+        status = ctl(mnt, node, "migrate")
+        m = COPYING.fullmatch(status)
+        assert m or status == "idle", f"migration ended early: {status}"
+        return status if m and 0 < int(m[1]) < int(m[2]) else None
+
+    return wait_for(midway, "copying half way", timeout)
+
+
+def port_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit(":", 1)[1]
+
+
+def saved_uris(state: Path) -> list[str]:
+    return [n["uri"] for n in json.loads((state / "array.json").read_text())["nodes"]]
+
+
+def fsck_and_verify(mnt: Path, where: Path, files: dict[str, str]) -> None:
+    """e2fsck -fn the array's filesystem, then mount it and check every file."""
+    with loop(mnt / "disk.img") as dev:
+        res = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        with ext4(dev, where):
+            assert verify_files(where, files) == []
+
+
+@contextlib.contextmanager
+def unmounted_at_exit(where: Path) -> Iterator[None]:
+    """Whatever happens, nothing stays mounted on `where` (a writer stuck in
+    the array can keep it busy until the array is torn down, after it)."""
+    try:
+        yield
+    finally:
+        if is_mounted(where.resolve()):
+            res = subprocess.run(["umount", str(where)], capture_output=True, timeout=60)
+            if res.returncode != 0:
+                subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["dstfs-serve", "nbdkit-memory"])
+def test_live_migration_under_ext4_load(tmp_path: Path, kind: str) -> None:
+    need("mkfs.ext4")
+    need("e2fsck")
+    state = tmp_path / "state"
+    data = tmp_path / "data"
+    with (
+        dstfs_server(tmp_path / "a.img", "128M") as (old, old_proc),
+        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
+        (
+            dstfs_server(tmp_path / "new.img", "128M")
+            if kind == "dstfs-serve"
+            else nbdkit_proc("memory", "128M")
+        ) as (new, _),
+        unmounted_at_exit(data),
+    ):
+        with mounted(tmp_path, [old, u1], state=state) as mnt, watchdog(mnt, 90):
+            with loop(mnt / "disk.img") as dev:
+                subprocess.run(["mkfs.ext4", "-q", dev], check=True, timeout=120)
+                with ext4(dev, data):
+                    writer = FileWriter(data)
+                    with writing(writer):
+                        wait_for(lambda: writer.count >= 5 or writer.errors, "5 files", 60)
+                        start_at = writer.count
+                        assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
+                        seen, states = follow(mnt)
+                        done_at = writer.count
+                        assert done_at > start_at, "no file written while copying"
+                        wait_for(lambda: writer.count >= done_at + 5 or writer.errors, "5 files")
+                    assert not writer.errors, writer.errors
+            print(f"migrate showed {seen}; files written: {done_at - start_at} while copying")
+            assert seen[-1] == "done", seen
+            assert any(COPYING.fullmatch(s) for s in seen), seen
+            assert all(int(m[2]) == 128 * MiB // 512 for m in map(COPYING.fullmatch, seen) if m)
+            assert "migrating" in states
+            # From here on the old node is gone: everything must come from the new one.
+            stop(old_proc)
+            assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
+            assert ctl(mnt, "n-0", "state") == "online"
+            assert saved_uris(state)[0] == parse_node(new).to_text()
+            fsck_and_verify(mnt, data, writer.files)
+            res = subprocess.run(
+                [*DSTFS, "umount", str(mnt)], capture_output=True, text=True, timeout=60
+            )
+            assert res.returncode == 0, res.stderr
+        with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 90):
+            assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
+            fsck_and_verify(mnt, data, writer.files)
+
+
+def block_writers(dev: Path, node0: int, node1: int) -> list[RangeWriter]:
+    return [RangeWriter(dev, 0, node0, "n-0"), RangeWriter(dev, node0, node1, "n-1")]
+
+
+@pytest.mark.parametrize("end", ["target-killed", "cancel"])
+def test_migration_that_fails_half_way_loses_nothing(tmp_path: Path, end: str) -> None:
+    """The target dies (or the job is cancelled) while copying: `failed: ...`,
+    the old node keeps serving, the writers see no error, nothing is lost."""
+    with (
+        dstfs_server(tmp_path / "a.img", "64M") as (old, _),
+        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
+        nbdkit_proc(
+            "--filter=delay", "memory", "64M", "wdelay=300ms", stderr=subprocess.DEVNULL
+        ) as (new, new_proc),
+        mounted(tmp_path, [old, u1]) as mnt,
+        watchdog(mnt, 90),
+        loop(mnt / "disk.img") as dev,
+    ):
+        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
+        with writing(*writers):
+            for w in writers:
+                w.wait_writes(20)
+            assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
+            midway = wait_copying(mnt)
+            if end == "cancel":
+                assert ctl_write(mnt, "n-0", "migrate", value="cancel") == 0
+            else:
+                new_proc.kill()
+            seen, _ = follow(mnt, timeout=30)
+            t_failed = time.monotonic()
+            print(f"at {midway}: {end}; migrate shows {seen[-1]!r}")
+            assert seen[-1].startswith("failed: "), seen
+            if end == "cancel":
+                assert "cancel" in seen[-1]
+            assert ctl(mnt, "n-0", "state") == "online"
+            assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(old)}"
+            for w in writers:
+                w.wait_writes(20, since=t_failed)
+        for w in writers:
+            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
+        assert verify_blocks(Path(dev), writers) == []
+        # Nothing runs any more: cancel is refused.
+        assert ctl_write(mnt, "n-0", "migrate", value="cancel") == errno.EINVAL
+
+
+def test_hung_target_fails_the_migration_within_the_node_timeout(tmp_path: Path) -> None:
+    """The target stops answering (SIGSTOP: its kernel still ACKs, so TCP sees
+    nothing wrong). After the node's timeout the migration must end `failed`
+    and the node's writes go on on the old target."""
+    with (
+        dstfs_server(tmp_path / "a.img", "64M") as (old, _),
+        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
+        nbdkit_proc(
+            "--filter=delay", "memory", "64M", "wdelay=100ms", stderr=subprocess.DEVNULL
+        ) as (new, new_proc),
+        mounted(tmp_path, [old, u1]) as mnt,
+        watchdog(mnt, 90),
+        loop(mnt / "disk.img") as dev,
+    ):
+        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
+        with writing(*writers):
+            for w in writers:
+                w.wait_writes(20)
+            assert ctl_write(mnt, "n-0", "timeout", value="3") == 0
+            assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
+            wait_copying(mnt)
+            new_proc.send_signal(signal.SIGSTOP)
+            try:
+                t_hung = time.monotonic()
+                seen, _ = follow(mnt, timeout=3 + 7)
+                assert seen[-1].startswith("failed: "), seen
+                writers[0].wait_writes(20, since=t_hung, timeout=5)
+            finally:
+                new_proc.send_signal(signal.SIGCONT)
+        for w in writers:
+            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
+        assert verify_blocks(Path(dev), writers) == []
+
+
+def test_migration_to_unreachable_target_is_refused(tmp_path: Path) -> None:
+    with (
+        dstfs_server(tmp_path / "a.img", "16M") as (u0, _),
+        dstfs_server(tmp_path / "b.img", "16M") as (u1, _),
+        mounted(tmp_path, [u0, u1]) as mnt,
+        watchdog(mnt, 90),
+    ):
+        nowhere = f"nbd://127.0.0.1:{free_port()}"
+        assert ctl_write(mnt, "n-0", "migrate", value=nowhere) == errno.ECONNREFUSED
+        assert ctl(mnt, "n-0", "migrate") == "idle"
+        assert ctl(mnt, "n-0", "state") == "online"
+        assert ctl_write(mnt, "n-0", "migrate", value="garbage://x") == errno.EINVAL
+        assert ctl_write(mnt, "n-0", "migrate", value=u0) == errno.EINVAL  # its own target
+        assert ctl(mnt, "n-0", "migrate") == "idle"
+
+
+def test_migrate_cli_prints_progress_and_exits_0_when_done(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with (
+        dstfs_server(tmp_path / "a.img", "64M") as (old, old_proc),
+        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
+        dstfs_server(tmp_path / "new.img", "64M") as (new, _),
+        mounted(tmp_path, [old, u1], state=state) as mnt,
+        watchdog(mnt, 90),
+        loop(mnt / "disk.img") as dev,
+    ):
+        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
+        with writing(*writers):
+            for w in writers:
+                w.wait_writes(20)
+            res = subprocess.run(
+                [*DSTFS, "migrate", str(mnt), "n-0", new],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            t_done = time.monotonic()
+            for w in writers:
+                w.wait_writes(20, since=t_done)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        print(lines)
+        assert COPYING.fullmatch(lines[0]), lines
+        assert lines[-1] == "done", lines
+        stop(old_proc)
+        assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
+        assert saved_uris(state)[0] == parse_node(new).to_text()
+        for w in writers:
+            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
+        assert verify_blocks(Path(dev), writers) == []
