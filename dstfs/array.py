@@ -29,7 +29,7 @@ from dstfs.algorithms.base import SECTOR
 from dstfs.backends.base import Backend, Buffer
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
-from dstfs.node import Node
+from dstfs.node import Node, render_counters
 from dstfs.uri import NodeSpec, parse_node
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ArrayStats:
     errors: int = 0
 
     def render(self) -> str:
-        return "".join(f"{k} {v}\n" for k, v in attrs.asdict(self).items())
+        return render_counters(self)
 
 
 async def _all(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:

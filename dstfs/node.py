@@ -46,6 +46,11 @@ class State(enum.Enum):
     MIGRATING = "migrating"
 
 
+def render_counters(counters: object) -> str:
+    """A stats file: one `key value` line per attrs field."""
+    return "".join(f"{k} {v}\n" for k, v in attrs.asdict(counters).items())  # type: ignore[arg-type]
+
+
 @attrs.frozen
 class NodeStatsSnapshot:
     reads: int
@@ -60,7 +65,7 @@ class NodeStatsSnapshot:
     latency_max_us: float
 
     def render(self) -> str:
-        return "".join(f"{k} {v}\n" for k, v in attrs.asdict(self).items())
+        return render_counters(self)
 
 
 @attrs.define
@@ -75,6 +80,13 @@ class NodeStats:
     failures: int = 0
     latency_ns: int = 0
     latency_max_ns: int = 0
+
+    def took(self, t0: int) -> None:
+        """Account the latency of a request that started at `t0` (ns)."""
+        dt = time.perf_counter_ns() - t0
+        self.latency_ns += dt
+        if dt > self.latency_max_ns:
+            self.latency_max_ns = dt
 
     def snapshot(self) -> NodeStatsSnapshot:
         ops = self.reads + self.writes + self.flushes
@@ -188,12 +200,9 @@ class Node:
                 raise
             finally:
                 self._done()
-            dt = time.perf_counter_ns() - t0
             stats.reads += 1
             stats.read_bytes += length
-            stats.latency_ns += dt
-            if dt > stats.latency_max_ns:
-                stats.latency_max_ns = dt
+            stats.took(t0)
             return data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
@@ -214,12 +223,9 @@ class Node:
                 raise
             finally:
                 self._done()
-            dt = time.perf_counter_ns() - t0
             stats.writes += 1
             stats.write_bytes += len(data)
-            stats.latency_ns += dt
-            if dt > stats.latency_max_ns:
-                stats.latency_max_ns = dt
+            stats.took(t0)
             return
 
     async def _call(self, what: str, fn: Callable[[Backend], Awaitable[None]]) -> None:

@@ -54,6 +54,11 @@ class Algorithm(Protocol):
         ...
 
 
+def check_range(offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"range {offset}+{length} outside the {size}-byte disk")
+
+
 def make_algorithm(name: str, node_sizes: Sequence[int], **options: int) -> Algorithm:
     """Build the algorithm `name` over nodes of `node_sizes` bytes."""
     from dstfs.algorithms import ALGORITHMS

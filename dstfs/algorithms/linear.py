@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from dstfs.algorithms.base import SECTOR, Extent
+from dstfs.algorithms.base import SECTOR, Extent, check_range
 
 
 class Linear:
@@ -30,8 +30,7 @@ class Linear:
         return self._size
 
     def map(self, offset: int, length: int, write: bool = False) -> list[Extent]:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(f"range {offset}+{length} outside the {self._size}-byte disk")
+        check_range(offset, length, self._size)
         starts = self._starts
         i = bisect.bisect_right(starts, offset) - 1
         out = []

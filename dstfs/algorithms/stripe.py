@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dstfs.algorithms.base import SECTOR, Extent
+from dstfs.algorithms.base import SECTOR, Extent, check_range
 
 DEFAULT_CHUNK = 64 * 1024
 MIN_CHUNK = 4096
@@ -40,8 +40,7 @@ class Stripe:
         return self._size
 
     def map(self, offset: int, length: int, write: bool = False) -> list[Extent]:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(f"range {offset}+{length} outside the {self._size}-byte disk")
+        check_range(offset, length, self._size)
         chunk, n = self.chunk, self._n
         starts: dict[int, int] = {}
         lengths: dict[int, int] = {}
