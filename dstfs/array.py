@@ -91,13 +91,12 @@ class Array:
     ) -> None:
         self.name = name
         self.nursery = nursery
-        self.alg_name = alg
-        self.options = dict(options or {})
         self.state_dir = state_dir
         self.connections = connections
         self.nodes: list[Node] = []
         self.entries: list[state.NodeEntry] = []
-        self.alg: Algorithm = make_algorithm(alg, [], **self.options)
+        #: The map; its options() (e.g. chunk) are the array's parameters.
+        self.alg: Algorithm = make_algorithm(alg, [], **(options or {}))
         self.stats = ArrayStats()
         #: disk.img opens, kept by the FUSE layer (remove_all_nodes needs none).
         self.open_count = 0
@@ -109,10 +108,21 @@ class Array:
     def size(self) -> int:
         return self.alg.size
 
+    @property
+    def alg_name(self) -> str:
+        return self.alg.name
+
     # -- configuration
 
-    def config(self) -> state.ArrayConfig:
-        return state.ArrayConfig(self.name, self.alg_name, self.alg.options(), tuple(self.entries))
+    def config(
+        self,
+        alg: Algorithm | None = None,
+        entries: tuple[state.NodeEntry, ...] | None = None,
+    ) -> state.ArrayConfig:
+        """The config to persist: as it is, or with `alg` / `entries` changed."""
+        alg = alg or self.alg
+        entries = tuple(self.entries) if entries is None else entries
+        return state.ArrayConfig(self.name, alg.name, alg.options(), entries)
 
     def persist(self) -> None:
         self._save(self.config())
@@ -127,16 +137,14 @@ class Array:
     def set_alg(self, name: str) -> None:
         if self.nodes:
             raise ArrayError(errno.EBUSY, "the algorithm can change only while there are no nodes")
+        options = self.alg.options() if name == self.alg_name else {}
         try:
-            alg = make_algorithm(name, [], **self._options_for(name))
+            alg = make_algorithm(name, [], **options)
         except (ValueError, TypeError) as e:
             raise ArrayError(errno.EINVAL, str(e)) from None
-        self._save(state.ArrayConfig(self.name, name, alg.options(), tuple(self.entries)))
-        self.alg, self.alg_name = alg, name
+        self._save(self.config(alg=alg))
+        self.alg = alg
         log.info("%s: algorithm is now %s", self.name, name)
-
-    def _options_for(self, name: str) -> dict[str, int]:
-        return self.options if name == self.alg_name else {}
 
     async def add_node(self, spec: NodeSpec | str, entry: state.NodeEntry | None = None) -> Node:
         """Connect a node and append it to the map; nothing changes on error."""
@@ -158,17 +166,13 @@ class Array:
             try:
                 size = (spec.size * SECTOR) if spec.size else backend.size // SECTOR * SECTOR
                 sizes = [n.size for n in self.nodes] + [size]
-                alg = make_algorithm(self.alg_name, sizes, **self.options)
+                alg = make_algorithm(self.alg_name, sizes, **self.alg.options())
             except (ValueError, OSError) as e:
                 await backend.aclose()
                 raise ArrayError(errno.EINVAL, f"{spec.uri}: {e}") from None
             entry = entry or state.NodeEntry(uri=spec.to_text())
             try:  # persist first: a change the state dir does not hold is not made
-                self._save(
-                    state.ArrayConfig(
-                        self.name, self.alg_name, alg.options(), (*self.entries, entry)
-                    )
-                )
+                self._save(self.config(alg=alg, entries=(*self.entries, entry)))
             except OSError:
                 await backend.aclose()
                 raise
@@ -186,8 +190,8 @@ class Array:
         async with self._change_lock:
             if self.open_count:
                 raise ArrayError(errno.EBUSY, "disk.img is open")
-            empty = make_algorithm(self.alg_name, [], **self.options)
-            self._save(state.ArrayConfig(self.name, self.alg_name, empty.options(), ()))
+            empty = make_algorithm(self.alg_name, [], **self.alg.options())
+            self._save(self.config(alg=empty, entries=()))
             nodes, self.nodes = self.nodes, []
             self.entries = []
             self.alg = empty
@@ -215,7 +219,7 @@ class Array:
         """Record a node's new target (after migration or repointing)."""
         entries = list(self.entries)
         entries[self.nodes.index(node)] = entry
-        self._save(state.ArrayConfig(self.name, self.alg_name, self.alg.options(), tuple(entries)))
+        self._save(self.config(entries=tuple(entries)))
         self.entries = entries
 
     # -- I/O

@@ -476,6 +476,17 @@ async def test_set_alg_only_without_nodes(nursery: trio.Nursery, patterns: dict)
     assert array.alg_name == "alg_stripe"
 
 
+async def test_set_alg_drops_the_old_algorithms_options(
+    nursery: trio.Nursery, patterns: dict
+) -> None:
+    # A stripe's chunk must not be handed to linear when the algorithm changes.
+    array = Array("a", nursery, alg="alg_stripe", options={"chunk": 131072})
+    array.set_alg("alg_linear")
+    patterns["0"] = PatternBackend(1, 64 * KiB)
+    await array.add_node("file:///pattern/0")
+    assert array.size == 64 * KiB and array.config().options == {}
+
+
 async def test_remove_all_nodes_refused_while_open_then_empties_the_array(
     nursery: trio.Nursery, patterns: dict, tmp_path: Path
 ) -> None:
