@@ -23,6 +23,7 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 import trio
@@ -31,6 +32,7 @@ from dstfs.backends.base import Backend, Buffer, ConnectionLost, read_into
 from dstfs.uri import NodeSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 BACKOFF_MIN = 0.05
@@ -179,80 +181,50 @@ class Node:
     ) -> Buffer | None:
         """The bytes, or None when `into` (views adding up to `length`) was
         given and filled in place."""
-        stats = self.stats
-        while True:
-            if not self._ready:
-                await self._pass_gate()
-            self._inflight += 1
-            t0 = time.perf_counter_ns()
-            try:
-                if into is None:
-                    data = await self.backend.pread(offset, length)
-                else:
-                    await read_into(self.backend, offset, into)
-                    data = None
-            except ConnectionLost as e:
-                self._connection_lost(e)
-                continue
-            except OSError as e:
-                stats.errors += 1
-                log.warning("%s: read %d+%d failed: %s", self.name, offset, length, e)
-                raise
-            finally:
-                self._done()
-            stats.reads += 1
-            stats.read_bytes += length
-            stats.took(t0)
-            return data
+        if into is None:
+            data = await self._call("read", offset, length, lambda b: b.pread(offset, length))
+        else:
+            data = await self._call("read", offset, length, lambda b: read_into(b, offset, into))
+        self.stats.reads += 1
+        self.stats.read_bytes += length
+        return data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        stats = self.stats
-        while True:
-            if not self._ready:
-                await self._pass_gate()
-            self._inflight += 1
-            t0 = time.perf_counter_ns()
-            try:
-                await self.backend.pwrite(offset, data, fua)
-            except ConnectionLost as e:
-                self._connection_lost(e)
-                continue
-            except OSError as e:
-                stats.errors += 1
-                log.warning("%s: write %d+%d failed: %s", self.name, offset, len(data), e)
-                raise
-            finally:
-                self._done()
-            stats.writes += 1
-            stats.write_bytes += len(data)
-            stats.took(t0)
-            return
-
-    async def _call(self, what: str, fn: Callable[[Backend], Awaitable[None]]) -> None:
-        """`fn(backend)` past the gate; the backend is looked up only then,
-        since a repoint or a migration may have replaced it meanwhile."""
-        while True:
-            if not self._ready:
-                await self._pass_gate()
-            self._inflight += 1
-            try:
-                await fn(self.backend)
-                return
-            except ConnectionLost as e:
-                self._connection_lost(e)
-            except OSError as e:
-                self.stats.errors += 1
-                log.warning("%s: %s failed: %s", self.name, what, e)
-                raise
-            finally:
-                self._done()
+        await self._call("write", offset, len(data), lambda b: b.pwrite(offset, data, fua))
+        self.stats.writes += 1
+        self.stats.write_bytes += len(data)
 
     async def flush(self) -> None:
-        await self._call("flush", lambda backend: backend.flush())
+        await self._call("flush", 0, 0, lambda b: b.flush())
         self.stats.flushes += 1
 
     async def trim(self, offset: int, length: int) -> None:
-        await self._call(f"trim {offset}+{length}", lambda backend: backend.trim(offset, length))
+        await self._call("trim", offset, length, lambda b: b.trim(offset, length))
+
+    async def _call(
+        self, what: str, offset: int, length: int, fn: Callable[[Backend], Awaitable[T]]
+    ) -> T:
+        """`fn(backend)` past the gate, resent after a lost connection. The
+        backend is looked up only past the gate: a repoint or a migration may
+        have replaced it while the request waited."""
+        while True:
+            if not self._ready:
+                await self._pass_gate()
+            self._inflight += 1
+            t0 = time.perf_counter_ns()
+            try:
+                result = await fn(self.backend)
+            except ConnectionLost as e:
+                self._connection_lost(e)
+                continue
+            except OSError as e:
+                self.stats.errors += 1
+                log.warning("%s: %s %d+%d failed: %s", self.name, what, offset, length, e)
+                raise
+            finally:
+                self._done()
+            self.stats.took(t0)
+            return result
 
     # -- suspend
 
