@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import errno
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 Buffer = bytes | bytearray | memoryview
@@ -64,6 +65,19 @@ def scatter(data: Buffer, views: list[memoryview]) -> None:
     for v in views:
         v[:] = mv[pos : pos + len(v)]
         pos += len(v)
+
+
+async def write_zero_bytes(
+    pwrite: Callable[[int, Buffer], Awaitable[None]], offset: int, length: int
+) -> None:
+    """WRITE_ZEROES the slow way, for storage that cannot do it natively:
+    zeroes written 1 MiB at a time."""
+    zero = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(zero), end - offset)
+        await pwrite(offset, zero[:n])
+        offset += n
 
 
 class BackendFilter:

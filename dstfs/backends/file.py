@@ -24,7 +24,7 @@ import struct
 
 import trio
 
-from dstfs.backends.base import Buffer
+from dstfs.backends.base import Buffer, write_zero_bytes
 from dstfs.nbd.sockio import FileSlice
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
-_ZERO_CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -155,30 +154,26 @@ class FileBackend:
     async def trim(self, offset: int, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.path} is read-only")
-        if self._can_punch:
-            try:
-                punch_hole(self.fd, offset, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._can_punch = False  # TRIM is advisory: ignore from now on
+        self._punch(offset, length)  # TRIM is advisory: nothing to do if unsupported
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.path} is read-only")
-        if may_trim and self._can_punch:
-            try:
-                punch_hole(self.fd, offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-        zero = bytes(min(length, _ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            await self.pwrite(offset, zero[:n])
-            offset += n
+        if not (may_trim and self._punch(offset, length)):
+            await write_zero_bytes(self.pwrite, offset, length)
+
+    def _punch(self, offset: int, length: int) -> bool:
+        """Punch a hole; False where the file system cannot (then never again)."""
+        if not self._can_punch:
+            return False
+        try:
+            punch_hole(self.fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._can_punch = False
+            return False
+        return True
 
     async def aclose(self) -> None:
         if self.fd >= 0:

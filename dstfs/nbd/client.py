@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 import outcome
 import trio
 
-from dstfs.backends.base import Buffer, ConnectionLost
+from dstfs.backends.base import Buffer, ConnectionLost, write_zero_bytes
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO, connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
@@ -195,13 +195,8 @@ class NbdClient:
         if self.flags & P.TransmissionFlag.SEND_WRITE_ZEROES:
             flags = 0 if may_trim else P.CmdFlag.NO_HOLE
             await self._request(P.Cmd.WRITE_ZEROES, offset, length, flags)
-            return
-        step = 1 << 20
-        end = offset + length
-        while offset < end:
-            n = min(step, end - offset)
-            await self.pwrite(offset, bytes(n))
-            offset += n
+        else:
+            await write_zero_bytes(self.pwrite, offset, length)
 
     async def aclose(self) -> None:
         """Wait for requests in flight, send NBD_CMD_DISC, close."""

@@ -323,10 +323,6 @@ class _Session:
                 return True
             if cmd == C.WRITE:
                 assert req.data is not None
-                if req.flags & P.CmdFlag.FUA:
-                    await backend.pwrite(req.offset, req.data)
-                    await self._start_durable(req)
-                    return True
                 await backend.pwrite(req.offset, req.data)
                 if type(req.data) is bytearray and isinstance(backend, FileBackend):
                     self.pool.give(req.data)  # written: a file keeps no reference
@@ -344,7 +340,7 @@ class _Session:
             else:
                 await self._error(req, errno.EINVAL, f"unknown command {cmd}")
                 return True
-            if req.flags & P.CmdFlag.FUA and cmd != C.WRITE:
+            if req.flags & P.CmdFlag.FUA:
                 await self._start_durable(req)
                 return True
         except ConnectionLost:

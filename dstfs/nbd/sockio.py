@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import outcome
@@ -33,7 +33,7 @@ _IOV_MAX = 1024
 #: Bytes queued for sending past which producers wait (memory stays bounded).
 HIGH_WATER = 8 << 20
 #: Scheduler rounds the sender waits while the queue keeps growing.
-COALESCE_ROUNDS = int(os.environ.get("DSTFS_COALESCE", "2"))
+COALESCE_ROUNDS = 2
 
 
 #: A pending payload at least this big is received straight into its buffer.
@@ -158,7 +158,7 @@ class SocketIO:
     async def _sendfile(self, piece: FileSlice) -> None:
         offset, left = piece.offset, piece.count
         out = self.sock.fileno()
-        try:
+        with self._sending("sendfile"):
             while left:
                 try:
                     n = os.sendfile(out, piece.fd, offset, left)
@@ -170,8 +170,15 @@ class SocketIO:
                     return
                 offset += n
                 left -= n
+
+    @contextlib.contextmanager
+    def _sending(self, what: str) -> Iterator[None]:
+        """Errors while part of a message is on the wire: the stream is lost
+        (also when cancelled half way), and the socket is marked broken."""
+        try:
+            yield
         except OSError as e:
-            raise self._fail(f"sendfile failed: {os.strerror(e.errno or errno.EIO)}") from None
+            raise self._fail(f"{what} failed: {os.strerror(e.errno or errno.EIO)}") from None
         except trio.ClosedResourceError:
             raise self._fail("socket closed during send") from None
         except BaseException:
@@ -212,7 +219,7 @@ class SocketIO:
 
     async def _send_rest(self, bufs: tuple[Buffer, ...], sent: int) -> None:
         views = [memoryview(b).cast("B") for b in bufs if len(b)]
-        try:
+        with self._sending("send"):
             while True:
                 while views and sent >= len(views[0]):
                     sent -= len(views[0])
@@ -227,14 +234,6 @@ class SocketIO:
                     sent = self.sock.sendmsg(views[:_IOV_MAX])
                 except BlockingIOError:
                     sent = 0
-        except OSError as e:
-            raise self._fail(f"send failed: {os.strerror(e.errno or errno.EIO)}") from None
-        except trio.ClosedResourceError:
-            raise self._fail("socket closed during send") from None
-        except BaseException:
-            # Cancelled with part of a message on the wire: the stream is lost.
-            self._fail("send interrupted")
-            raise
 
     async def recvmsg_into(self, bufs: list[memoryview]) -> int:
         """Like recv_into, scattering over `bufs`."""
