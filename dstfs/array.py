@@ -215,12 +215,17 @@ class Array:
             return f"n-{index}"
         return f"n-{self.nodes[index].start}"
 
-    def replace_entry(self, node: Node, entry: state.NodeEntry) -> None:
-        """Record a node's new target (after migration or repointing)."""
+    def retarget(self, node: Node, spec: NodeSpec, backend: Backend) -> Backend:
+        """Point `node` at a new target (after a migration or a repoint):
+        recorded in the state dir first, so a failed write changes nothing.
+        Returns the old backend, for the caller to close."""
         entries = list(self.entries)
-        entries[self.nodes.index(node)] = entry
+        entries[self.nodes.index(node)] = state.NodeEntry(uri=spec.to_text())
         self._save(self.config(entries=tuple(entries)))
         self.entries = entries
+        old, node.backend = node.backend, backend
+        node.spec, node.name = spec, spec.uri
+        return old
 
     # -- I/O
 

@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 import trio
 
-from dstfs import state
 from dstfs.array import Array, open_backend
 from dstfs.backends.base import Backend, BackendFilter, Buffer, read_into
 from dstfs.control import Attr, ControlError, Tree
@@ -283,12 +282,9 @@ class Migration:
                 raise MigrationFailed("the new target did not answer the final flush") from None
             except OSError as e:
                 raise MigrationFailed(f"flush of the new target failed: {e.strerror or e}") from e
-            old = filt.inner
-            node.backend = new
             old_name = node.name
-            node.spec = self.spec
-            node.name = self.spec.uri
-            self.array.replace_entry(node, state.NodeEntry(uri=self.spec.to_text()))
+            self.array.retarget(node, self.spec, new)
+            old = filt.inner
             self.status = "done"
             elapsed = time.monotonic() - self.started
             log.warning(
@@ -364,11 +360,12 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             if job is not None and job.status == "copying":
                 raise ControlError(errno.EBUSY, "a migration is running")
             spec, backend = await _open_target(array, node, text.rstrip("\n").strip())
-            old = node.backend
-            node.backend = backend
             old_name = node.name
-            node.spec, node.name = spec, spec.uri
-            array.replace_entry(node, state.NodeEntry(uri=spec.to_text()))
+            try:
+                old = array.retarget(node, spec, backend)
+            except OSError:
+                await backend.aclose()
+                raise
             log.warning("%s: repointed to %s", old_name, spec.uri)
             with trio.CancelScope(shield=True):
                 await old.aclose()
