@@ -15,12 +15,14 @@ Rules:
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import stat
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 
@@ -28,10 +30,31 @@ from dstfs.array import Array
 from dstfs.control import Attr, ControlError, ControlTree
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DISK_NAME = "disk.img"
 DISK_INODE = pyfuse3.ROOT_INODE + 1
 CONTROL_FILE_SIZE = 4096
+
+
+def _edge(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The error boundary of a handler: errnos become FUSEError, anything
+    unexpected is logged and becomes EIO (it must never reach pyfuse3). The
+    disk.img read/write paths do the same inline, to stay one call shorter."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: DstFs, *args: Any) -> T:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (OSError, ControlError) as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s: %s%r failed", self.array.name, handler.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
 
 
 class _ControlHandle:
@@ -115,35 +138,32 @@ class DstFs(pyfuse3.Operations):
 
     # -- metadata
 
+    @_edge
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        try:
-            if parent_inode == pyfuse3.ROOT_INODE and name == DISK_NAME.encode():
-                return self._attrs(DISK_INODE, None)
-            parent, pnode = self._resolve(parent_inode)
-            if not isinstance(pnode, dict):
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            key = name.decode(errors="surrogateescape")
-            if key not in pnode:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            path = (*parent, key)
-            return self._attrs(self._inode(path), pnode[key])
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("%s: lookup %r failed", self.array.name, name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        if parent_inode == pyfuse3.ROOT_INODE and name == DISK_NAME.encode():
+            return self._attrs(DISK_INODE, None)
+        parent, pnode = self._resolve(parent_inode)
+        if not isinstance(pnode, dict):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        key = name.decode(errors="surrogateescape")
+        if key not in pnode:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        path = (*parent, key)
+        return self._attrs(self._inode(path), pnode[key])
 
+    @_edge
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         if inode == DISK_INODE:
             return self._attrs(inode, None)
         _, node = self._resolve(inode)
         return self._attrs(inode, node)
 
+    @_edge
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        # O_TRUNC on a control file (echo > file) is fine: nothing to cut.
         if fields.update_size and inode == DISK_INODE and attr.st_size != self.array.size:
             log.warning("%s: refused to resize disk.img to %d bytes", self.array.name, attr.st_size)
             raise pyfuse3.FUSEError(errno.EINVAL)
-            # O_TRUNC on a control file (echo > file) is fine: nothing to cut.
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         return await self.getattr(inode, ctx)
@@ -151,6 +171,7 @@ class DstFs(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         pass
 
+    @_edge
     async def statfs(self, ctx: Any) -> Any:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
@@ -161,36 +182,33 @@ class DstFs(pyfuse3.Operations):
 
     # -- directories
 
+    @_edge
     async def opendir(self, inode: int, ctx: Any) -> int:
         _, node = self._resolve(inode)
         if not isinstance(node, dict):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_edge
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        try:
-            path, node = self._resolve(fh)
-            assert isinstance(node, dict)
-            entries: list[tuple[str, int, Attr | dict | None]] = []
-            if fh == pyfuse3.ROOT_INODE:
-                entries.append((DISK_NAME, DISK_INODE, None))
-            for name in sorted(node):
-                entries.append((name, self._inode((*path, name)), node[name]))
-            for i in range(start_id, len(entries)):
-                name, ino, child = entries[i]
-                if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino, child), i + 1):
-                    break
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("%s: readdir failed", self.array.name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        path, node = self._resolve(fh)
+        assert isinstance(node, dict)
+        entries: list[tuple[str, int, Attr | dict | None]] = []
+        if fh == pyfuse3.ROOT_INODE:
+            entries.append((DISK_NAME, DISK_INODE, None))
+        for name in sorted(node):
+            entries.append((name, self._inode((*path, name)), node[name]))
+        for i in range(start_id, len(entries)):
+            name, ino, child = entries[i]
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino, child), i + 1):
+                break
 
     async def releasedir(self, fh: int) -> None:
         pass
 
     # -- files
 
+    @_edge
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fh = next(self._next_fh)
         if inode == DISK_INODE:
@@ -207,13 +225,7 @@ class DstFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         content = b""
         if accmode != os.O_WRONLY:
-            try:
-                content = self.control.read(path).encode()
-            except ControlError as e:
-                raise pyfuse3.FUSEError(e.errno) from None
-            except Exception:
-                log.exception("%s: reading %s failed", self.array.name, "/".join(path))
-                raise pyfuse3.FUSEError(errno.EIO) from None
+            content = self.control.read(path).encode()
         self._handles[fh] = _ControlHandle(path, content)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
 
@@ -239,33 +251,25 @@ class DstFs(pyfuse3.Operations):
             except Exception:
                 log.exception("%s: write %d+%d failed", self.array.name, off, len(buf))
                 raise pyfuse3.FUSEError(errno.EIO) from None
+        return await self._store(handle, buf)
+
+    @_edge
+    async def _store(self, handle: _ControlHandle, buf: bytes) -> int:
         try:
             text = buf.decode()
         except UnicodeDecodeError:
             log.warning("%s: %s: refused non-UTF-8 input", self.array.name, "/".join(handle.path))
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        try:
-            await self.control.write(handle.path, text)
-        except ControlError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        except Exception:
-            log.exception("%s: store to %s failed", self.array.name, "/".join(handle.path))
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        await self.control.write(handle.path, text)
         return len(buf)
 
     async def flush(self, fh: int) -> None:
         pass
 
+    @_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if self._handles.get(fh, 0) is not None:
-            return  # control files have nothing to make durable
-        try:
+        if self._handles.get(fh, 0) is None:  # control files have nothing to make durable
             await self.array.flush()
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s: fsync failed", self.array.name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
         if self._handles.pop(fh, 0) is None:
