@@ -30,6 +30,7 @@ from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend, create_sparse
 from dstfs.control import ControlTree
 from dstfs.fs import DstFs
+from dstfs.migrate import migration_attrs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.uri import parse_node
 
@@ -95,6 +96,12 @@ async def run(
             state_dir=None,  # do not rewrite the state while loading it
             connections=connections,
         )
+
+        async def give_up(message: str) -> None:
+            ready(message)
+            await array.aclose()
+            nursery.cancel_scope.cancel()
+
         try:
             for entry in config.nodes:
                 if entry.serve is not None:
@@ -105,14 +112,14 @@ async def run(
                     spec = parse_node(entry.uri)
                 await array.add_node(spec, entry)
         except (ArrayError, OSError, ValueError) as e:
-            ready(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
-            await array.aclose()
-            nursery.cancel_scope.cancel()
+            await give_up(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
             return
         array.state_dir = state_dir
-        array.persist()
-        from dstfs.migrate import migration_attrs
-
+        try:
+            array.persist()
+        except ArrayError as e:
+            await give_up(f"cannot write the state in {state_dir}: {e.strerror}")
+            return
         control = ControlTree(array, extra_node_attrs=migration_attrs(array))
         ops = DstFs(array, control)
         options = set(pyfuse3.default_options) | {
@@ -128,9 +135,7 @@ async def run(
         try:
             pyfuse3.init(ops, mountpoint, options)
         except RuntimeError as e:
-            ready(f"cannot mount on {mountpoint}: {e}")
-            await array.aclose()
-            nursery.cancel_scope.cancel()
+            await give_up(f"cannot mount on {mountpoint}: {e}")
             return
         try:
             reg.parent.mkdir(parents=True, exist_ok=True)
