@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from dstfs import state
-from dstfs.algorithms import DEFAULT_CHUNK, make_algorithm
+from dstfs.algorithms import make_algorithm
 from dstfs.cli import CliError
 from dstfs.uri import parse_node, parse_size
 
@@ -38,8 +38,6 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
         raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(f"{state_dir}: {e.strerror}") from None
-    if args.chunk and (args.alg and _alg_name(args.alg) != "alg_stripe"):
-        raise CliError("--chunk applies only to --alg stripe")
     alg = _alg_name(args.alg) if args.alg else None
     options = {"chunk": parse_size(args.chunk)} if args.chunk else {}
     if saved is not None:
@@ -55,21 +53,24 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
             raise CliError(f"{state_dir} holds a {saved.alg} array, not {alg}")
         if args.name and args.name != saved.name:
             raise CliError(f"{state_dir} holds array {saved.name!r}, not {args.name!r}")
+        if options and options != saved.options:
+            raise CliError(
+                f"{state_dir} holds a {saved.alg} array {saved.options or ''}; "
+                "--chunk cannot change it"
+            )
         return saved
     name = args.name or "storage"
     alg = alg or "alg_linear"
-    if alg == "alg_stripe" and "chunk" not in options:
-        options["chunk"] = DEFAULT_CHUNK
     if options and alg != "alg_stripe":
         raise CliError("--chunk applies only to --alg stripe")
-    try:
-        make_algorithm(alg, [], **options)
+    try:  # the algorithm fills in its defaults (a stripe's chunk)
+        options = make_algorithm(alg, [], **options).options()
     except (ValueError, TypeError) as e:
         raise CliError(str(e)) from None
     if not args.node:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            return default_config(name, state_dir)
+            return default_config(name, state_dir, alg, options)
         except OSError as e:
             raise CliError(f"{state_dir}: {e.strerror}") from None
     try:

@@ -59,15 +59,18 @@ def read_registry(mountpoint: str) -> dict | None:
         return None
 
 
-def default_config(name: str, state_dir: Path) -> state.ArrayConfig:
-    """The built-in array: two 1 GiB sparse files in the state dir."""
+def default_config(
+    name: str, state_dir: Path, alg: str = "alg_linear", options: dict[str, int] | None = None
+) -> state.ArrayConfig:
+    """The built-in array: two 1 GiB sparse files in the state dir, joined by
+    `alg` (linear unless the user asked for another)."""
     entries = []
     for i in range(DEFAULT_NODES):
         path = state_dir / f"node-{i}.img"
         if not path.exists():
             create_sparse(str(path), DEFAULT_NODE_SIZE)
         entries.append(state.NodeEntry(serve=str(path)))
-    return state.ArrayConfig(name=name, alg="alg_linear", nodes=tuple(entries))
+    return state.ArrayConfig(name=name, alg=alg, options=options or {}, nodes=tuple(entries))
 
 
 async def _serve_embedded(nursery: trio.Nursery, path: str) -> str:
