@@ -107,9 +107,6 @@ class NodeStats:
         )
 
 
-Reconnector = Callable[[], Awaitable[None]]
-
-
 class Node:
     """`backend` must offer `reconnect()` to recover from ConnectionLost
     (NbdBackend does); a backend without it fails such requests with EIO."""

@@ -34,7 +34,7 @@ def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
     backend = FileBackend(path, read_only=read_only)
     if size is not None and size != backend.size:
         real = backend.size
-        os.close(backend.fd)
+        backend.close()
         raise ValueError(f"{path} exists with {real} bytes, not the {size} asked by --size")
     return backend
 

@@ -176,6 +176,9 @@ class FileBackend:
         return True
 
     async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
