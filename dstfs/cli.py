@@ -32,6 +32,7 @@ def setup_logging(verbose: int, debug: bool = False) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dstfs.malloc import keep_freed_memory
     from dstfs.serve import open_export, parse_listen, run_server
 
     listen = None
@@ -45,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend = open_export(args.path, size, args.read_only)
     except (ValueError, OSError) as e:
         raise CliError(f"cannot export {args.path}: {e}") from None
+    keep_freed_memory()
     try:
         trio.run(
             lambda: run_server(

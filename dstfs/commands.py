@@ -101,6 +101,7 @@ def _run_daemon(
     args: argparse.Namespace, mountpoint: str, config: state.ArrayConfig, state_dir: Path
 ) -> int:
     from dstfs import daemon
+    from dstfs.malloc import keep_freed_memory
 
     failure: list[str] = []
 
@@ -116,6 +117,7 @@ def _run_daemon(
                 pass
             args.ready_fd = None
 
+    keep_freed_memory()
     trio.run(lambda: daemon.run(mountpoint, config, state_dir, ready, connections=args.connections))
     if failure:
         raise CliError(failure[0])
