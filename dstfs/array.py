@@ -234,36 +234,41 @@ class Array:
         size = self.alg.size
         if offset >= size or length <= 0:
             return b""
+        buf = bytearray(min(length, size - offset))
+        await self.readinto(offset, memoryview(buf))
+        return buf
+
+    async def readinto(self, offset: int, view: memoryview) -> int:
+        """Fill `view` from `offset`; the count read, short at the end of the
+        disk. Each node's reply lands straight in its part of `view`."""
+        size = self.alg.size
+        length = len(view)
+        if offset >= size or length <= 0:
+            return 0
         if offset + length > size:
             length = size - offset
+            view = view[:length]
         extents = self.alg.map(offset, length)
         try:
             if len(extents) == 1 and len(extents[0].segments) == 1:
                 e = extents[0]
-                data = await self.nodes[e.node].read(e.node_offset, e.length)
+                await self.nodes[e.node].read(e.node_offset, e.length, [view])
             else:
-                data = await self._read_many(extents, length)
+                await _all(
+                    partial(
+                        self.nodes[e.node].read,
+                        e.node_offset,
+                        e.length,
+                        [view[boff : boff + blen] for boff, blen in e.segments],
+                    )
+                    for e in extents
+                )
         except OSError:
             self.stats.errors += 1
             raise
         self.stats.reads += 1
         self.stats.read_bytes += length
-        return data
-
-    async def _read_many(self, extents: list[Extent], length: int) -> bytearray:
-        buf = bytearray(length)
-        view = memoryview(buf)
-        # Each node's reply lands straight in its segments of the result.
-        await _all(
-            partial(
-                self.nodes[e.node].read,
-                e.node_offset,
-                e.length,
-                [view[boff : boff + blen] for boff, blen in e.segments],
-            )
-            for e in extents
-        )
-        return buf
+        return length
 
     async def write(self, offset: int, data: Buffer) -> int:
         """Write all of `data` at `offset`; ENOSPC past the end of the disk."""

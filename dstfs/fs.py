@@ -10,6 +10,10 @@ Rules:
 - Control files are snapshotted at open (like sysfs) and served with
   direct_io, so their size does not matter; each write() is one store.
 - Nothing here touches the mount point (that can deadlock the daemon).
+- disk.img reads land in recycled buffers. A buffer goes back to the pool
+  as it is returned: pyfuse3 copies a read's reply into the kernel before it
+  awaits anything, so no other task can take the buffer first. A failed
+  read's buffer is dropped, since a node may still be filling it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pyfuse3
 
 from dstfs.array import Array
 from dstfs.control import Attr, ControlError, ControlTree
+from dstfs.nbd.protocol import BufferPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,6 +83,8 @@ class DstFs(pyfuse3.Operations):
         self._next_inode = itertools.count(DISK_INODE + 1)
         self._handles: dict[int, _ControlHandle | None] = {}
         self._next_fh = itertools.count(1)
+        #: Read buffers: a zero-filled MiB per request costs as much as its copy.
+        self._buffers = BufferPool(keep=32)
         self._mtime = time.time_ns()
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -232,13 +239,16 @@ class DstFs(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> Any:
         handle = self._handles.get(fh)
         if handle is None:
+            buf = self._buffers.take(size)
             try:
-                return await self.array.read(off, size)
+                n = await self.array.readinto(off, memoryview(buf))
             except OSError as e:
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             except Exception:
                 log.exception("%s: read %d+%d failed", self.array.name, off, size)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            self._buffers.give(buf)  # safe: see the module's rules
+            return memoryview(buf)[:n]
         return handle.content[off : off + size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
