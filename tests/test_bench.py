@@ -25,6 +25,8 @@ ROW_NAMES = (
     "dstfs linear/nbdkit",
     "dstfs linear/serve",
     "dstfs stripe/nbdkit",
+    "dstfs linear/slow nodes",
+    "dstfs stripe/slow nodes",
     "nbdfuse/nbdkit",
     "pyfuse3 no-op",
     "loop/tmpfs",
