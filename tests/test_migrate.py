@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from load import (
     FileWriter,
@@ -149,8 +150,38 @@ def test_live_migration_under_ext4_load(tmp_path: Path, kind: str) -> None:
             fsck_and_verify(mnt, data, writer.files)
 
 
-def block_writers(dev: Path, node0: int, node1: int) -> list[RangeWriter]:
-    return [RangeWriter(dev, 0, node0, "n-0"), RangeWriter(dev, node0, node1, "n-1")]
+@attrs.frozen
+class BlockLoad:
+    old: str  # n-0's URI
+    old_proc: subprocess.Popen
+    mnt: Path
+    writers: list[RangeWriter]
+
+
+@contextlib.contextmanager
+def block_load(tmp_path: Path, state: Path | None = None) -> Iterator[BlockLoad]:
+    """Two 64 MiB `dstfs serve` nodes mounted, and an O_DIRECT writer on each
+    node's range through a loop device, writing (20 writes each done) while
+    the body runs. After the body, every write must have succeeded and read
+    back intact."""
+    with (
+        dstfs_server(tmp_path / "a.img", "64M") as (old, old_proc),
+        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
+        mounted(tmp_path, [old, u1], state=state) as mnt,
+        watchdog(mnt, 90),
+        loop(mnt / "disk.img") as dev,
+    ):
+        writers = [
+            RangeWriter(Path(dev), 0, 64 * MiB, "n-0"),
+            RangeWriter(Path(dev), 64 * MiB, 64 * MiB, "n-1"),
+        ]
+        with writing(*writers):
+            for w in writers:
+                w.wait_writes(20)
+            yield BlockLoad(old, old_proc, mnt, writers)
+        for w in writers:
+            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
+        assert verify_blocks(Path(dev), writers) == []
 
 
 @pytest.mark.parametrize("end", ["target-killed", "cancel"])
@@ -158,38 +189,28 @@ def test_migration_that_fails_half_way_loses_nothing(tmp_path: Path, end: str) -
     """The target dies (or the job is cancelled) while copying: `failed: ...`,
     the old node keeps serving, the writers see no error, nothing is lost."""
     with (
-        dstfs_server(tmp_path / "a.img", "64M") as (old, _),
-        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
         nbdkit_proc(
             "--filter=delay", "memory", "64M", "wdelay=300ms", stderr=subprocess.DEVNULL
         ) as (new, new_proc),
-        mounted(tmp_path, [old, u1]) as mnt,
-        watchdog(mnt, 90),
-        loop(mnt / "disk.img") as dev,
+        block_load(tmp_path) as load,
     ):
-        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
-        with writing(*writers):
-            for w in writers:
-                w.wait_writes(20)
-            assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
-            midway = wait_copying(mnt)
-            if end == "cancel":
-                assert ctl_write(mnt, "n-0", "migrate", value="cancel") == 0
-            else:
-                new_proc.kill()
-            seen, _ = follow(mnt, timeout=30)
-            t_failed = time.monotonic()
-            print(f"at {midway}: {end}; migrate shows {seen[-1]!r}")
-            assert seen[-1].startswith("failed: "), seen
-            if end == "cancel":
-                assert "cancel" in seen[-1]
-            assert ctl(mnt, "n-0", "state") == "online"
-            assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(old)}"
-            for w in writers:
-                w.wait_writes(20, since=t_failed)
-        for w in writers:
-            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
-        assert verify_blocks(Path(dev), writers) == []
+        mnt = load.mnt
+        assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
+        midway = wait_copying(mnt)
+        if end == "cancel":
+            assert ctl_write(mnt, "n-0", "migrate", value="cancel") == 0
+        else:
+            new_proc.kill()
+        seen, _ = follow(mnt, timeout=30)
+        t_failed = time.monotonic()
+        print(f"at {midway}: {end}; migrate shows {seen[-1]!r}")
+        assert seen[-1].startswith("failed: "), seen
+        if end == "cancel":
+            assert "cancel" in seen[-1]
+        assert ctl(mnt, "n-0", "state") == "online"
+        assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(load.old)}"
+        for w in load.writers:
+            w.wait_writes(20, since=t_failed)
         # Nothing runs any more: cancel is refused.
         assert ctl_write(mnt, "n-0", "migrate", value="cancel") == errno.EINVAL
 
@@ -199,33 +220,23 @@ def test_hung_target_fails_the_migration_within_the_node_timeout(tmp_path: Path)
     nothing wrong). After the node's timeout the migration must end `failed`
     and the node's writes go on on the old target."""
     with (
-        dstfs_server(tmp_path / "a.img", "64M") as (old, _),
-        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
         nbdkit_proc(
             "--filter=delay", "memory", "64M", "wdelay=100ms", stderr=subprocess.DEVNULL
         ) as (new, new_proc),
-        mounted(tmp_path, [old, u1]) as mnt,
-        watchdog(mnt, 90),
-        loop(mnt / "disk.img") as dev,
+        block_load(tmp_path) as load,
     ):
-        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
-        with writing(*writers):
-            for w in writers:
-                w.wait_writes(20)
-            assert ctl_write(mnt, "n-0", "timeout", value="3") == 0
-            assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
-            wait_copying(mnt)
-            new_proc.send_signal(signal.SIGSTOP)
-            try:
-                t_hung = time.monotonic()
-                seen, _ = follow(mnt, timeout=3 + 7)
-                assert seen[-1].startswith("failed: "), seen
-                writers[0].wait_writes(20, since=t_hung, timeout=5)
-            finally:
-                new_proc.send_signal(signal.SIGCONT)
-        for w in writers:
-            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
-        assert verify_blocks(Path(dev), writers) == []
+        mnt = load.mnt
+        assert ctl_write(mnt, "n-0", "timeout", value="3") == 0
+        assert ctl_write(mnt, "n-0", "migrate", value=new) == 0
+        wait_copying(mnt)
+        new_proc.send_signal(signal.SIGSTOP)
+        try:
+            t_hung = time.monotonic()
+            seen, _ = follow(mnt, timeout=3 + 7)
+            assert seen[-1].startswith("failed: "), seen
+            load.writers[0].wait_writes(20, since=t_hung, timeout=5)
+        finally:
+            new_proc.send_signal(signal.SIGCONT)
 
 
 def test_migration_to_unreachable_target_is_refused(tmp_path: Path) -> None:
@@ -247,34 +258,23 @@ def test_migration_to_unreachable_target_is_refused(tmp_path: Path) -> None:
 def test_migrate_cli_prints_progress_and_exits_0_when_done(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with (
-        dstfs_server(tmp_path / "a.img", "64M") as (old, old_proc),
-        dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
         dstfs_server(tmp_path / "new.img", "64M") as (new, _),
-        mounted(tmp_path, [old, u1], state=state) as mnt,
-        watchdog(mnt, 90),
-        loop(mnt / "disk.img") as dev,
+        block_load(tmp_path, state=state) as load,
     ):
-        writers = block_writers(Path(dev), 64 * MiB, 64 * MiB)
-        with writing(*writers):
-            for w in writers:
-                w.wait_writes(20)
-            res = subprocess.run(
-                [*DSTFS, "migrate", str(mnt), "n-0", new],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            t_done = time.monotonic()
-            for w in writers:
-                w.wait_writes(20, since=t_done)
+        res = subprocess.run(
+            [*DSTFS, "migrate", str(load.mnt), "n-0", new],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        t_done = time.monotonic()
+        for w in load.writers:
+            w.wait_writes(20, since=t_done)
         assert res.returncode == 0, res.stderr
         lines = res.stdout.splitlines()
         print(lines)
         assert COPYING.fullmatch(lines[0]), lines
         assert lines[-1] == "done", lines
-        stop(old_proc)
-        assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
+        stop(load.old_proc)
+        assert ctl(load.mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
         assert saved_uris(state)[0] == parse_node(new).to_text()
-        for w in writers:
-            assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
-        assert verify_blocks(Path(dev), writers) == []
