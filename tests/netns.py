@@ -57,6 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
@@ -367,6 +368,25 @@ class Topology:
         """``argv`` prefixed to run in node ``index``'s namespace."""
         self._check_open()
         return self._nsenter(self.node_ns(index), argv)
+
+    def start_server(
+        self, index: int, argv: Sequence[str], port: int, log: Path
+    ) -> subprocess.Popen[bytes]:
+        """Run ``argv``, a server that will listen on ``port``, in node ``index``'s
+        namespace with its output in ``log``; return once it accepts connections
+        (AssertionError with its log if it does not)."""
+        with log.open("wb") as out:
+            proc = subprocess.Popen(self.node_cmd(index, argv), stdout=out, stderr=out)
+        try:
+            self.wait_reachable(index, port, timeout=10, accept_refused=False)
+        except NetnsError:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"{argv[0]} on node {index} did not start (exit {proc.returncode}): "
+                f"{log.read_text()}"
+            ) from None
+        return proc
 
     def outsider_cmd(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed to run in an extra, unconnected namespace (only ``lo``).

@@ -53,18 +53,7 @@ def start_nbdkit(topo: Topology, index: int, log_dir: Path) -> subprocess.Popen[
     """Start an in-memory nbdkit on node ``index`` and wait until it accepts connections."""
     addr = topo.node_address(index)
     argv = ["nbdkit", "-f", "--exit-with-parent", "-i", addr, "-p", str(NBD_PORT), "memory", "16M"]
-    errlog = log_dir / f"nbdkit-{index}.log"
-    with errlog.open("wb") as err:
-        proc = subprocess.Popen(topo.node_cmd(index, argv), stdout=err, stderr=err)
-    try:
-        topo.wait_reachable(index, NBD_PORT, timeout=10, accept_refused=False)
-    except NetnsError:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(
-            f"nbdkit on node {index} did not start (exit {proc.returncode}): {errlog.read_text()}"
-        ) from None
-    return proc
+    return topo.start_server(index, argv, NBD_PORT, log_dir / f"nbdkit-{index}.log")
 
 
 def nbdinfo_size(cmd: list[str], timeout: float = 5) -> subprocess.CompletedProcess[str]:

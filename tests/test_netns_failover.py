@@ -34,7 +34,7 @@ from load import (
     writing,
 )
 from mounts import daemon_pid, mount_cmd, new_dir, teardown
-from netns import NetnsError, Topology, netns_unavailable_reason, topology
+from netns import Topology, netns_unavailable_reason, topology
 from procs import DSTFS, need
 
 MiB = 1 << 20
@@ -56,15 +56,7 @@ def start_node(topo: Topology, index: int, path: Path) -> subprocess.Popen:
     """`dstfs serve` in node `index`'s namespace, listening on its address."""
     addr = topo.node_address(index)
     argv = [*DSTFS, "serve", str(path), "--size", "64M", "--listen", f"{addr}:{NBD_PORT}"]
-    with path.with_suffix(".log").open("wb") as log:
-        proc = subprocess.Popen(topo.node_cmd(index, argv), stdout=log, stderr=log)
-    try:
-        topo.wait_reachable(index, NBD_PORT, timeout=10, accept_refused=False)
-    except NetnsError:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"node {index}: {path.with_suffix('.log').read_text()}") from None
-    return proc
+    return topo.start_server(index, argv, NBD_PORT, path.with_suffix(".log"))
 
 
 @contextlib.contextmanager
