@@ -154,21 +154,14 @@ def test_status_of_something_not_an_array_is_one_line(tmp_path: Path) -> None:
     assert "no dstfs array" in one_line(dstfs("status", str(tmp_path)))
 
 
-def test_mount_with_a_corrupt_state_file_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", ["{", "[]\n"], ids=["corrupt", "not-an-object"])
+def test_mount_with_a_bad_state_file_is_one_line(tmp_path: Path, content: str) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / "array.json").write_text("{")
+    (state / "array.json").write_text(content)
     mnt = new_dir(tmp_path, "mnt")
     assert "not a dstfs state file" in one_line(dstfs("mount", str(mnt), "--state", str(state)))
     assert not is_mounted(mnt)
-
-
-def test_mount_with_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "array.json").write_text("[]\n")
-    mnt = new_dir(tmp_path, "mnt")
-    assert "not a dstfs state file" in one_line(dstfs("mount", str(mnt), "--state", str(state)))
 
 
 def test_mount_with_a_state_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
