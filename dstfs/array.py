@@ -231,10 +231,7 @@ class Array:
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Up to `length` bytes at `offset`; short at the end of the disk."""
-        size = self.alg.size
-        if offset >= size or length <= 0:
-            return b""
-        buf = bytearray(min(length, size - offset))
+        buf = bytearray(max(0, min(length, self.alg.size - offset)))
         await self.readinto(offset, memoryview(buf))
         return buf
 
