@@ -224,7 +224,7 @@ class Array:
         self._save(self.config(entries=tuple(entries)))
         self.entries = entries
         old, node.backend = node.backend, backend
-        node.spec, node.name = spec, spec.uri
+        node.spec = spec
         return old
 
     # -- I/O

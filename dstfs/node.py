@@ -120,7 +120,6 @@ class Node:
         self.start = 0
         self.sectors = size // 512
         self.nursery = nursery
-        self.name = spec.uri
         self.timeout = DEFAULT_TIMEOUT
         self.stats = NodeStats()
         self.suspended = False
@@ -136,6 +135,11 @@ class Node:
         self._lost_since = 0.0
 
     # -- state
+
+    @property
+    def name(self) -> str:
+        """The node's URI, for logs: follows `spec` when the node is repointed."""
+        return self.spec.uri
 
     @property
     def state(self) -> State:
