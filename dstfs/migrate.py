@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -95,7 +95,7 @@ class MigrationFilter(BackendFilter):
         self._write_done.set()
         self._write_done = trio.Event()
 
-    async def _mirror(self, op: Callable[[Backend], object], chunks: range) -> None:
+    async def _mirror(self, op: Callable[[Backend], Awaitable[object]], chunks: range) -> None:
         """Run `op` on the old target, and on the new one if the copier has
         reached these chunks; new-target errors end the migration, not the op."""
         await self._enter(chunks)
@@ -103,20 +103,17 @@ class MigrationFilter(BackendFilter):
             if self.error is None and chunks.start <= self.claimed:
                 err: list[OSError] = []
 
-                async def on_new() -> None:
+                async def to_new() -> None:
                     try:
-                        with trio.fail_after(self.timeout):
-                            await op(self.new)  # type: ignore[misc]
-                    except trio.TooSlowError:
-                        err.append(OSError(errno.ETIMEDOUT, f"no answer in {self.timeout:g} s"))
+                        await self.on_new(op(self.new))
                     except OSError as e:
                         err.append(e)
 
                 old_err: OSError | None = None
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(on_new)
+                    nursery.start_soon(to_new)
                     try:
-                        await op(self.inner)  # type: ignore[misc]
+                        await op(self.inner)
                     except OSError as e:  # raised outside the nursery: no group
                         old_err = e
                 if err:
@@ -124,9 +121,18 @@ class MigrationFilter(BackendFilter):
                 if old_err is not None:
                     raise old_err
             else:
-                await op(self.inner)  # type: ignore[misc]
+                await op(self.inner)
         finally:
             self._leave(chunks)
+
+    async def on_new(self, request: Awaitable[object]) -> None:
+        """Await a request to the new target; no answer within the timeout is
+        ETIMEDOUT."""
+        try:
+            with trio.fail_after(self.timeout):
+                await request
+        except trio.TooSlowError:
+            raise OSError(errno.ETIMEDOUT, f"no answer in {self.timeout:g} s") from None
 
     async def pread_into(self, offset: int, views: list[memoryview]) -> None:
         await read_into(self.inner, offset, views)  # reads: the old target, unchanged
@@ -250,11 +256,7 @@ class Migration:
                         filt.fail(f"read from the old target failed: {e.strerror or e}")
                         return
                     try:
-                        with trio.fail_after(filt.timeout):
-                            await filt.new.pwrite(offset, data)
-                    except trio.TooSlowError:
-                        filt.fail(f"the new target gave no answer in {filt.timeout:g} s")
-                        return
+                        await filt.on_new(filt.new.pwrite(offset, data))
                     except OSError as e:
                         filt.fail(f"write to the new target failed: {e.strerror or e}")
                         return
@@ -276,10 +278,7 @@ class Migration:
             if filt.error is not None:
                 raise MigrationFailed(filt.error)
             try:
-                with trio.fail_after(filt.timeout):
-                    await new.flush()
-            except trio.TooSlowError:
-                raise MigrationFailed("the new target did not answer the final flush") from None
+                await filt.on_new(new.flush())
             except OSError as e:
                 raise MigrationFailed(f"flush of the new target failed: {e.strerror or e}") from e
             old_name = node.name
