@@ -2,11 +2,13 @@
 
 Rules:
 - A file is an `Attr` with `show()` (text, one value, newline-terminated)
-  and/or `store(text)`; a directory is a dict. The tree is rebuilt from the
+  and/or `store(value)`; a directory is a dict. The tree is rebuilt from the
   array on every lookup, so it never disagrees with it.
-- `store` receives the written text with one trailing newline removed. Bad
-  input raises `ControlError(errno, reason)` before anything changes: EINVAL
-  for garbage, EBUSY/ENODEV/ECONNREFUSED... where that is the truth.
+- A write is one line of printable text; one trailing newline is dropped
+  and surrounding blanks stripped, once, before `store(value)` sees it.
+  Anything else is EINVAL. Bad input raises `ControlError(errno, reason)`
+  before anything changes: EINVAL for garbage, EBUSY/ENODEV/ECONNREFUSED...
+  where that is the truth.
 - This module knows nothing of FUSE: `dstfs.fs` renders it; tests drive it
   directly.
 """
@@ -123,7 +125,7 @@ class ControlTree:
         if len(text) > MAX_WRITE:
             raise ControlError(errno.EINVAL, f"{name}: value too long")
         try:
-            await attr.store(text)
+            await attr.store(_value(text))
         except ControlError as e:
             log.warning("%s: %s: refused %r: %s", self.array.name, name, text, e.message)
             raise
@@ -140,23 +142,21 @@ class ControlTree:
 
     # -- store
 
-    async def _store_alg(self, text: str) -> None:
-        value = _value(text)
+    async def _store_alg(self, value: str) -> None:
         if value not in ALGORITHMS:
             raise ControlError(errno.EINVAL, f"unknown algorithm {value!r}")
         self.array.set_alg(value)
 
-    async def _store_add_node(self, text: str) -> None:
-        await self.array.add_node(_value(text))
+    async def _store_add_node(self, value: str) -> None:
+        await self.array.add_node(value)
 
-    async def _store_remove_all(self, text: str) -> None:
-        if _value(text) != "1":
+    async def _store_remove_all(self, value: str) -> None:
+        if value != "1":
             raise ControlError(errno.EINVAL, "write 1 to remove every node")
         await self.array.remove_all_nodes()
 
     def _suspend_store(self, node: Node) -> Callable[[str], Awaitable[None]]:
-        async def store(text: str) -> None:
-            value = _value(text)
+        async def store(value: str) -> None:
             if value == "1":
                 await node.suspend()
             elif value == "0":
@@ -167,8 +167,7 @@ class ControlTree:
         return store
 
     def _timeout_store(self, node: Node) -> Callable[[str], Awaitable[None]]:
-        async def store(text: str) -> None:
-            value = _value(text)
+        async def store(value: str) -> None:
             try:
                 seconds = float(value)
             except ValueError:

@@ -334,8 +334,7 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
     jobs: dict[int, Migration] = {}
 
     def attrs_for(node: Node) -> Tree:
-        async def store_migrate(text: str) -> None:
-            value = text.rstrip("\n").strip()
+        async def store_migrate(value: str) -> None:
             job = jobs.get(id(node))
             if value == "cancel":
                 if job is None or job.status != "copying":
@@ -352,13 +351,13 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             array.nursery.start_soon(job.run, backend)
             log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, node.size)
 
-        async def store_target(text: str) -> None:
+        async def store_target(value: str) -> None:
             if not node.suspended:
                 raise ControlError(errno.EBUSY, "suspend the node before repointing it")
             job = jobs.get(id(node))
             if job is not None and job.status == "copying":
                 raise ControlError(errno.EBUSY, "a migration is running")
-            spec, backend = await _open_target(array, node, text.rstrip("\n").strip())
+            spec, backend = await _open_target(array, node, value)
             old_name = node.name
             try:
                 old = array.retarget(node, spec, backend)

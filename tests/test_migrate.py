@@ -251,6 +251,7 @@ def test_migration_to_unreachable_target_is_refused(tmp_path: Path) -> None:
         assert ctl(mnt, "n-0", "migrate") == "idle"
         assert ctl(mnt, "n-0", "state") == "online"
         assert ctl_write(mnt, "n-0", "migrate", value="garbage://x") == errno.EINVAL
+        assert ctl_write(mnt, "n-0", "migrate", value=f"{u1}\n{u0}") == errno.EINVAL
         assert ctl_write(mnt, "n-0", "migrate", value=u0) == errno.EINVAL  # its own target
         assert ctl(mnt, "n-0", "migrate") == "idle"
 
