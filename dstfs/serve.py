@@ -29,8 +29,7 @@ def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
         if read_only:
             raise ValueError(f"{path} does not exist (a read-only export cannot create it)")
         log.info("%s: creating a sparse file of %d bytes", path, size)
-        backend = FileBackend.create(path, size)
-        return backend
+        return FileBackend.create(path, size)
     backend = FileBackend(path, read_only=read_only)
     if size is not None and size != backend.size:
         real = backend.size

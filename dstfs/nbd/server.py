@@ -274,7 +274,7 @@ class _Session:
 
     # -- transmission
 
-    async def _error(self, req: P.Request, err: int, message: str) -> None:
+    def _error(self, req: P.Request, err: int, message: str) -> None:
         self.server.stats.errors += 1
         log.info(
             "%s: cmd %d offset %d length %d: %s",
@@ -300,13 +300,13 @@ class _Session:
         if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE):
             if req.offset + req.length > size:
                 err = errno.EINVAL if cmd in (C.READ, C.CACHE) else errno.ENOSPC
-                await self._error(req, err, f"request past the end of the {size}-byte export")
+                self._error(req, err, f"request past the end of the {size}-byte export")
                 return True
             if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):
-                await self._error(req, errno.EINVAL, f"request of {req.length} bytes is too big")
+                self._error(req, errno.EINVAL, f"request of {req.length} bytes is too big")
                 return True
             if export.read_only and cmd != C.READ and cmd != C.CACHE:
-                await self._error(req, errno.EPERM, "export is read-only")
+                self._error(req, errno.EPERM, "export is read-only")
                 return True
         backend = export.backend
         try:
@@ -338,7 +338,7 @@ class _Session:
             elif cmd == C.CACHE:
                 pass
             else:
-                await self._error(req, errno.EINVAL, f"unknown command {cmd}")
+                self._error(req, errno.EINVAL, f"unknown command {cmd}")
                 return True
             if req.flags & P.CmdFlag.FUA:
                 await self._start_durable(req)
@@ -346,7 +346,7 @@ class _Session:
         except ConnectionLost:
             raise
         except OSError as e:
-            await self._error(req, e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
+            self._error(req, e.errno or errno.EIO, os.strerror(e.errno or errno.EIO))
             return True
         self.io.send_soon(self.conn.simple_reply_header(req.cookie))
         return True
@@ -365,7 +365,7 @@ class _Session:
             except ConnectionLost:
                 raise
             except OSError as e:
-                await self._error(req, e.errno or errno.EIO, f"flush failed: {e}")
+                self._error(req, e.errno or errno.EIO, f"flush failed: {e}")
                 return
             self.io.send_soon(self.conn.simple_reply_header(req.cookie))
         except ConnectionLost:
