@@ -70,13 +70,22 @@ async def _all(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
         raise errors[0]
 
 
+#: Seconds a server may take to accept and negotiate when a node is opened.
+OPEN_TIMEOUT = 10.0
+
+
 async def open_backend(spec: NodeSpec, nursery: trio.Nursery, connections: int = 1) -> Backend:
-    """Open the storage behind `spec`; OSError with the true errno if not."""
+    """Open the storage behind `spec`; OSError with the true errno if not,
+    ETIMEDOUT for a server that does not answer within OPEN_TIMEOUT."""
     min_size = (spec.size or 0) * SECTOR
     if spec.kind == "file":
         assert spec.path is not None
         return FileBackend(spec.path, size=min_size or None)
-    return await NbdBackend.open(spec, nursery, connections=connections, min_size=min_size)
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            return await NbdBackend.open(spec, nursery, connections=connections, min_size=min_size)
+    except trio.TooSlowError:
+        raise OSError(errno.ETIMEDOUT, f"no answer in {OPEN_TIMEOUT:g} s") from None
 
 
 class Array:

@@ -312,10 +312,7 @@ async def _open_target(array: Array, node: Node, text: str) -> tuple[NodeSpec, B
     if spec.uri == node.spec.uri:
         raise ControlError(errno.EINVAL, "the target is the node's current target")
     try:
-        with trio.fail_after(10):
-            backend = await open_backend(spec.with_size(None), array.nursery, array.connections)
-    except trio.TooSlowError:
-        raise ControlError(errno.ETIMEDOUT, f"{spec.uri}: no answer") from None
+        backend = await open_backend(spec.with_size(None), array.nursery, array.connections)
     except OSError as e:
         raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
     if backend.size < node.size:

@@ -17,6 +17,7 @@ import pytest
 import trio
 from procs import free_port
 
+import dstfs.array
 from dstfs import state
 from dstfs.array import Array
 from dstfs.backends.file import FileBackend
@@ -305,6 +306,23 @@ async def test_bad_write_gets_its_errno_and_changes_nothing(
         await ctl.write(text, *path.split("/"))
     assert e.value.errno == err, e.value.message
     assert e.value.message
+    assert snapshot(ctl) == before
+
+
+async def test_add_node_of_a_server_that_never_answers_is_etimedout(
+    ctl: Ctl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel accepts the connection, the server never speaks: the write
+    ends with ETIMEDOUT after the open timeout, and nothing changes."""
+    monkeypatch.setattr(dstfs.array, "OPEN_TIMEOUT", 0.5)
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        before = snapshot(ctl)
+        with trio.fail_after(5), pytest.raises(ControlError) as e:
+            await ctl.write(f"nbd://127.0.0.1:{port}\n", "add_node")
+    assert e.value.errno == errno.ETIMEDOUT, e.value.message
     assert snapshot(ctl) == before
 
 
