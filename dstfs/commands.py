@@ -21,8 +21,6 @@ from dstfs.uri import parse_node, parse_size
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 60.0
-
 
 def _alg_name(text: str) -> str:
     return text if text.startswith("alg_") else f"alg_{text}"
@@ -155,13 +153,9 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) ->
             start_new_session=True,
         )
     os.close(wfd)
-    message = b""
-    deadline = time.monotonic() + READY_TIMEOUT
+    # One line: "ok" or why not; nothing if the daemon died first.
     with os.fdopen(rfd, "rb") as r:
-        while time.monotonic() < deadline:
-            chunk = r.readline()
-            message = chunk.strip()
-            break
+        message = r.readline().strip()
     if message == b"ok":
         _say_mounted(mountpoint, logfile)
         return 0
