@@ -284,7 +284,7 @@ class Array:
             if offset >= size:
                 raise OSError(errno.ENOSPC, "write past the end of the disk")
             length = size - offset
-        extents = self.alg.map(offset, length)
+        extents = self.alg.map(offset, length, write=True)
         view = memoryview(data)
         try:
             if len(extents) == 1 and len(extents[0].segments) == 1:

@@ -175,7 +175,9 @@ class Migration:
         self.array = array
         self.node = node
         self.spec = spec
-        self.total = node.size
+        #: What the map uses of the node (a stripe leaves a bigger node's tail
+        #: unused): the bytes to copy.
+        self.total = array.alg.used_bytes(array.nodes.index(node))
         self.copied = 0
         self.status = "copying"
         self.filter: MigrationFilter | None = None
@@ -346,7 +348,7 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             job = Migration(array, node, spec)
             jobs[id(node)] = job
             array.nursery.start_soon(job.run, backend)
-            log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, node.size)
+            log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, job.total)
 
         async def store_target(value: str) -> None:
             if not node.suspended:
