@@ -10,6 +10,9 @@ Rules:
 - Changes to the array (nodes, algorithm) are validated first and applied
   only when they can succeed, then persisted atomically to the state dir.
 - Offsets and sizes are bytes here; the control tree shows sectors.
+- A redundant algorithm (the mirror) hands its I/O to a ReplicaSet
+  (dstfs.replicas), which knows which replicas are in sync; linear and stripe
+  keep the direct path below.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dstfs.backends.base import Backend, Buffer
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.node import Node, render_counters
+from dstfs.replicas import ReplicaSet
 from dstfs.uri import NodeSpec, parse_node
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,10 @@ class Array:
         self.entries: list[state.NodeEntry] = []
         #: The map; its options() (e.g. chunk) are the array's parameters.
         self.alg: Algorithm = make_algorithm(alg, [], **(options or {}))
+        #: The mirror's replica state (None for linear and stripe).
+        self.replicas: ReplicaSet | None = ReplicaSet(self) if self.alg.redundant else None
+        #: See state.ArrayConfig.generation.
+        self.generation = 0
         self.stats = ArrayStats()
         #: disk.img opens, kept by the FUSE layer (remove_all_nodes needs none).
         self.open_count = 0
@@ -131,7 +139,7 @@ class Array:
         """The config to persist: as it is, or with `alg` / `entries` changed."""
         alg = alg or self.alg
         entries = tuple(self.entries) if entries is None else entries
-        return state.ArrayConfig(self.name, alg.name, alg.options(), entries)
+        return state.ArrayConfig(self.name, alg.name, alg.options(), entries, self.generation)
 
     def persist(self) -> None:
         self._save(self.config())
@@ -153,6 +161,7 @@ class Array:
             raise ArrayError(errno.EINVAL, str(e)) from None
         self._save(self.config(alg=alg))
         self.alg = alg
+        self.replicas = ReplicaSet(self) if alg.redundant else None
         log.info("%s: algorithm is now %s", self.name, name)
 
     async def add_node(self, spec: NodeSpec | str, entry: state.NodeEntry | None = None) -> Node:
@@ -163,7 +172,8 @@ class Array:
             except ValueError as e:
                 raise ArrayError(errno.EINVAL, str(e)) from None
         async with self._change_lock:
-            if self.nodes and self.alg.named_by_index and self.open_count:
+            relayout = self.alg.named_by_index and not self.alg.redundant
+            if self.nodes and relayout and self.open_count:
                 raise ArrayError(
                     errno.EBUSY,
                     f"{self.alg_name}: adding a node re-lays out the disk; close it first",
@@ -174,6 +184,10 @@ class Array:
                 raise ArrayError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
             try:
                 size = (spec.size * SECTOR) if spec.size else backend.size // SECTOR * SECTOR
+                if self.alg.redundant and self.nodes and size < self.alg.size:
+                    raise ValueError(
+                        f"{size} bytes: smaller than the {self.alg.size}-byte mirror it would join"
+                    )
                 sizes = [n.size for n in self.nodes] + [size]
                 alg = make_algorithm(self.alg_name, sizes, **self.alg.options())
             except (ValueError, OSError) as e:
@@ -190,6 +204,8 @@ class Array:
             self.entries.append(entry)
             self.alg = alg
             self._layout()
+            if self.replicas is not None:
+                self.replicas.attach(node, synced=False)
         log.info("%s: added node %s (%d sectors)", self.name, spec.uri, size // SECTOR)
         if self.on_resize is not None:
             self.on_resize()
@@ -204,6 +220,8 @@ class Array:
             nodes, self.nodes = self.nodes, []
             self.entries = []
             self.alg = empty
+            if self.replicas is not None:
+                self.replicas.forget()
         for node in nodes:
             with trio.CancelScope(shield=True):
                 try:
@@ -232,7 +250,7 @@ class Array:
         entries[self.nodes.index(node)] = state.NodeEntry(uri=spec.to_text())
         self._save(self.config(entries=tuple(entries)))
         self.entries = entries
-        old, node.backend = node.backend, backend
+        old = node.replace_backend(backend)
         node.spec = spec
         return old
 
@@ -254,6 +272,15 @@ class Array:
         if offset + length > size:
             length = size - offset
             view = view[:length]
+        if self.replicas is not None:
+            try:
+                await self.replicas.readinto(offset, view)
+            except OSError:
+                self.stats.errors += 1
+                raise
+            self.stats.reads += 1
+            self.stats.read_bytes += length
+            return length
         extents = self.alg.map(offset, length)
         try:
             if len(extents) == 1 and len(extents[0].segments) == 1:
@@ -284,6 +311,15 @@ class Array:
             if offset >= size:
                 raise OSError(errno.ENOSPC, "write past the end of the disk")
             length = size - offset
+        if self.replicas is not None:
+            try:
+                await self.replicas.write(offset, data[:length] if length < len(data) else data)
+            except OSError:
+                self.stats.errors += 1
+                raise
+            self.stats.writes += 1
+            self.stats.write_bytes += length
+            return length
         extents = self.alg.map(offset, length, write=True)
         view = memoryview(data)
         try:
@@ -314,6 +350,9 @@ class Array:
         """NBD_CMD_FLUSH (or fsync) on every node, concurrently."""
         self.stats.flushes += 1
         try:
+            if self.replicas is not None and self.nodes:
+                await self.replicas.flush()
+                return
             await _all(node.flush for node in self.nodes)
         except OSError:
             self.stats.errors += 1
@@ -333,3 +372,5 @@ class Array:
             for node in self.nodes:
                 with trio.move_on_after(5):
                     await node.aclose()
+            if self.replicas is not None:
+                self.replicas.close()

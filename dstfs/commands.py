@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import trio
 
 from dstfs import state
@@ -38,6 +39,8 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
         raise CliError(f"{state_dir}: {e.strerror}") from None
     alg = _alg_name(args.alg) if args.alg else None
     options = {"chunk": parse_size(args.chunk)} if args.chunk else {}
+    if args.region:
+        options["region"] = parse_size(args.region)
     if saved is not None:
         if args.node:
             wanted = [parse_node(n).to_text() for n in args.node]
@@ -54,13 +57,21 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
         if options and options != saved.options:
             raise CliError(
                 f"{state_dir} holds a {saved.alg} array {saved.options or ''}; "
-                "--chunk cannot change it"
+                "--chunk/--region cannot change it"
             )
+        if args.force_replica is not None and saved.alg != "alg_mirror":
+            raise CliError("--force-replica applies only to a mirror")
         return saved
     name = args.name or "storage"
     alg = alg or "alg_linear"
-    if options and alg != "alg_stripe":
+    if args.chunk and alg != "alg_stripe":
         raise CliError("--chunk applies only to --alg stripe")
+    if args.region and alg != "alg_mirror":
+        raise CliError("--region applies only to --alg mirror")
+    if args.force_replica is not None:
+        raise CliError("--force-replica applies only to a mirror saved in the state dir")
+    if alg == "alg_mirror" and args.node and len(args.node) < 2:
+        raise CliError("a mirror needs at least two --node")
     try:  # the algorithm fills in its defaults (a stripe's chunk)
         options = make_algorithm(alg, [], **options).options()
     except (ValueError, TypeError) as e:
@@ -68,14 +79,23 @@ def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayCon
     if not args.node:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            return default_config(name, state_dir, alg, options)
+            return _first_generation(default_config(name, state_dir, alg, options))
         except OSError as e:
             raise CliError(f"{state_dir}: {e.strerror}") from None
     try:
         entries = tuple(state.NodeEntry(uri=parse_node(n).to_text()) for n in args.node)
     except ValueError as e:
         raise CliError(str(e)) from None
-    return state.ArrayConfig(name=name, alg=alg, options=options, nodes=entries)
+    return _first_generation(state.ArrayConfig(name=name, alg=alg, options=options, nodes=entries))
+
+
+def _first_generation(config: state.ArrayConfig) -> state.ArrayConfig:
+    """A new mirror: its first replica is the one the others are synced
+    from (md's initial resync); holes and zeroes are not sent."""
+    if config.alg != "alg_mirror" or not config.nodes:
+        return config
+    first = attrs.evolve(config.nodes[0], synced=1)
+    return attrs.evolve(config, generation=1, nodes=(first, *config.nodes[1:]))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -116,7 +136,16 @@ def _run_daemon(
             args.ready_fd = None
 
     keep_freed_memory()
-    trio.run(lambda: daemon.run(mountpoint, config, state_dir, ready, connections=args.connections))
+    trio.run(
+        lambda: daemon.run(
+            mountpoint,
+            config,
+            state_dir,
+            ready,
+            connections=args.connections,
+            force_replica=args.force_replica,
+        )
+    )
     if failure:
         raise CliError(failure[0])
     return 0
@@ -141,6 +170,10 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) ->
         argv += ["--alg", args.alg]
     if args.chunk:
         argv += ["--chunk", args.chunk]
+    if args.region:
+        argv += ["--region", args.region]
+    if args.force_replica is not None:
+        argv += ["--force-replica", f"n-{args.force_replica}"]
     for n in args.node or ():
         argv += ["--node", n]
     with open(logfile, "ab") as log_out:
@@ -313,12 +346,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         time.sleep(0.5)
 
 
+def _replica_index(text: str) -> int:
+    digits = text[2:] if text.startswith("n-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a replica like n-1")
+    return int(digits)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("mount", help="mount an array (returns once mounted)")
     m.add_argument("mountpoint")
     m.add_argument("--name", help="array name (default: storage)")
-    m.add_argument("--alg", help="linear (default) or stripe")
+    m.add_argument("--alg", help="linear (default), stripe or mirror")
     m.add_argument("--chunk", help="stripe chunk size, a power of two >= 4K (default 64K)")
+    m.add_argument("--region", help="mirror bitmap region, a power of two >= 64K (default 1M)")
+    m.add_argument(
+        "--force-replica",
+        type=_replica_index,
+        metavar="n-X",
+        help="mirror: trust replica n-X when no replica is known to be in sync",
+    )
     m.add_argument(
         "--node",
         action="append",

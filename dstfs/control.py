@@ -24,7 +24,7 @@ import attrs
 
 from dstfs.algorithms import ALGORITHMS
 from dstfs.array import Array
-from dstfs.node import Node
+from dstfs.node import Node, render_counters
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,16 @@ class ControlTree:
             "nodes": Attr(show=self._show_nodes),
             "add_node": Attr(store=self._store_add_node),
             "remove_all_nodes": Attr(store=self._store_remove_all),
-            "stats": Attr(show=lambda: a.stats.render()),
+            "stats": Attr(show=self._show_stats),
         }
+        if a.replicas is not None:
+            rs = a.replicas
+            root["degraded"] = Attr(show=lambda: f"{rs.degraded}\n")
+            root["sync_action"] = Attr(
+                show=lambda: rs.sync_action + "\n", store=self._store_sync_action
+            )
+            root["sync_completed"] = Attr(show=rs.show_sync)
+            root["mismatch_cnt"] = Attr(show=lambda: f"{rs.stats.mismatch_cnt}\n")
         for i, node in enumerate(a.nodes):
             root[a.node_dir_name(i)] = self._node_tree(node)
         return root
@@ -88,16 +96,30 @@ class ControlTree:
             "type": Attr(show=lambda: node.spec.describe() + "\n"),
             "start": Attr(show=lambda: f"{node.start}\n"),
             "size": Attr(show=lambda: f"{node.sectors}\n"),
-            "state": Attr(show=lambda: node.state.value + "\n"),
+            "state": Attr(show=lambda: self._node_state(node) + "\n"),
             "stats": Attr(show=lambda: node.stats.snapshot().render()),
             "timeout": Attr(show=lambda: f"{node.timeout:g}\n", store=self._timeout_store(node)),
             "suspend": Attr(
                 show=lambda: f"{int(node.suspended)}\n", store=self._suspend_store(node)
             ),
         }
+        if self.array.replicas is not None:
+            rs = self.array.replicas
+            t["dirty"] = Attr(show=lambda: f"{rs.dirty_of(node)}\n")
         if self.extra_node_attrs is not None:
             t.update(self.extra_node_attrs(node))
         return t
+
+    def _node_state(self, node: Node) -> str:
+        if self.array.replicas is not None:
+            return self.array.replicas.state_of(node)
+        return node.state.value
+
+    def _show_stats(self) -> str:
+        text = self.array.stats.render()
+        if self.array.replicas is not None:
+            text += render_counters(self.array.replicas.stats)
+        return text
 
     def lookup(self, path: tuple[str, ...]) -> Attr | Tree | None:
         cur: Attr | Tree = self.tree()
@@ -146,6 +168,12 @@ class ControlTree:
         if value not in ALGORITHMS:
             raise ControlError(errno.EINVAL, f"unknown algorithm {value!r}")
         self.array.set_alg(value)
+
+    async def _store_sync_action(self, value: str) -> None:
+        if value not in ("check", "repair", "idle"):
+            raise ControlError(errno.EINVAL, "write check, repair or idle")
+        assert self.array.replicas is not None
+        self.array.replicas.start_verify(value)
 
     async def _store_add_node(self, value: str) -> None:
         await self.array.add_node(value)

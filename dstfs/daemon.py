@@ -88,6 +88,7 @@ async def run(
     state_dir: Path,
     ready: Callable[[str], None],
     connections: int = 1,
+    force_replica: int | None = None,
 ) -> None:
     """Mount `config` on `mountpoint` and serve until unmounted."""
     async with trio.open_nursery() as nursery:
@@ -118,10 +119,16 @@ async def run(
             await give_up(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
             return
         array.state_dir = state_dir
+        array.generation = config.generation
         try:
-            array.persist()
+            array.persist()  # also upgrades an older state format in place
+            if array.replicas is not None:
+                array.replicas.start(config.generation, list(array.entries), force_replica)
         except ArrayError as e:
             await give_up(f"cannot write the state in {state_dir}: {e.strerror}")
+            return
+        except (ValueError, OSError) as e:
+            await give_up(f"{config.name}: {e}")
             return
         control = ControlTree(array, extra_node_attrs=migration_attrs(array))
         ops = DstFs(array, control)

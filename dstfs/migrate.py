@@ -342,6 +342,9 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
                 return
             if job is not None and job.status == "copying":
                 raise ControlError(errno.EBUSY, "a migration is already running")
+            if array.replicas is not None:
+                await replace_replica(value)
+                return
             if node.suspended:
                 raise ControlError(errno.EBUSY, "the node is suspended")
             spec, backend = await _open_target(array, node, value)
@@ -350,7 +353,30 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             array.nursery.start_soon(job.run, backend)
             log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, job.total)
 
+        async def replace_replica(value: str) -> None:
+            # A mirror's replica is replaced, not copied from: the new
+            # target is synced from the in-sync replicas, so a dead replica
+            # can be replaced too.
+            assert array.replicas is not None
+            spec, backend = await _open_target(array, node, value)
+            old_name = node.name
+            old: list[Backend] = []
+            try:
+                await array.replicas.replace(
+                    node, lambda: old.append(array.retarget(node, spec, backend))
+                )
+            except OSError:
+                await backend.aclose()
+                raise
+            log.warning("%s: replica replaced by %s", old_name, spec.uri)
+            with trio.CancelScope(shield=True):
+                for b in old:
+                    await b.aclose()
+
         async def store_target(value: str) -> None:
+            if array.replicas is not None:
+                await replace_replica(value)
+                return
             if not node.suspended:
                 raise ControlError(errno.EBUSY, "suspend the node before repointing it")
             job = jobs.get(id(node))

@@ -12,8 +12,15 @@ Rules:
 - Any other OSError is the storage's answer and goes to the caller.
 - `suspend()` closes the gate and returns once the requests already past it
   have drained; `resume()` reopens it and the waiters proceed in order.
-- Every request, error, reconnect and failure is counted in `stats` and
-  every state change is logged with the node's name.
+- A node that is not `hold`ing (a mirror replica: the array has other
+  copies) never makes a request wait: while its gate is shut, and when its
+  connection breaks under a request, the request fails at once with
+  `NodeUnavailable`, and the reconnect goes on in the background. Which I/O
+  waits for a node is the algorithm's decision, not the node's.
+- Every request, error, reconnect and failure is counted in `stats`, every
+  state change is logged with the node's name and reported to `on_change`.
+- The reconnect job follows the node's current backend: a node repointed
+  while reconnecting drops the old target's attempt and connection.
 """
 
 from __future__ import annotations
@@ -38,6 +45,14 @@ DEFAULT_TIMEOUT = 30.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 5.0
+
+
+class NodeUnavailable(OSError):
+    """The node cannot take requests now (suspended, reconnecting, failed)
+    and is not holding them: the caller has other copies to use."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(errno.EAGAIN, f"{name}: unavailable ({why})")
 
 
 class State(enum.Enum):
@@ -133,6 +148,12 @@ class Node:
         self._drained: trio.Event | None = None
         self._reconnecting = False
         self._lost_since = 0.0
+        #: False for a mirror replica: requests fail fast instead of waiting.
+        self.hold = True
+        #: Called after every state change (the array reacts: a mirror
+        #: drops a replica from its in-sync set, or resyncs it).
+        self.on_change: Callable[[Node], None] | None = None
+        self._attempt: trio.CancelScope | None = None
 
     # -- state
 
@@ -153,6 +174,16 @@ class Node:
             return State.MIGRATING
         return State.ONLINE
 
+    @property
+    def inflight(self) -> int:
+        """Requests past the gate and not yet answered."""
+        return self._inflight
+
+    @property
+    def ready(self) -> bool:
+        """Whether requests pass the gate now."""
+        return self._ready
+
     def _update_gate(self) -> None:
         ready = not self.suspended and self._lost is None and not self._failed
         self._ready = ready
@@ -161,6 +192,8 @@ class Node:
             self._gate.set()
         elif self._gate.is_set():
             self._gate = trio.Event()
+        if self.on_change is not None:
+            self.on_change(self)
 
     async def _pass_gate(self) -> None:
         while not self._ready:
@@ -202,6 +235,10 @@ class Node:
     async def trim(self, offset: int, length: int) -> None:
         await self._call("trim", offset, length, lambda b: b.trim(offset, length))
 
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._call("write_zeroes", offset, length, lambda b: b.write_zeroes(offset, length))
+        self.stats.writes += 1
+
     async def _call(
         self, what: str, offset: int, length: int, fn: Callable[[Backend], Awaitable[T]]
     ) -> T:
@@ -210,6 +247,8 @@ class Node:
         have replaced it while the request waited."""
         while True:
             if not self._ready:
+                if not self.hold:
+                    raise NodeUnavailable(self.name, self.state.value)
                 await self._pass_gate()
             self._inflight += 1
             t0 = time.perf_counter_ns()
@@ -217,6 +256,8 @@ class Node:
                 result = await fn(self.backend)
             except ConnectionLost as e:
                 self._connection_lost(e)
+                if not self.hold:
+                    raise NodeUnavailable(self.name, f"connection lost: {e}") from None
                 continue
             except OSError as e:
                 self.stats.errors += 1
@@ -263,10 +304,9 @@ class Node:
             self.nursery.start_soon(self._reconnect_loop)
 
     async def _reconnect_loop(self) -> None:
-        reconnect = getattr(self.backend, "reconnect", None)
         delay = BACKOFF_MIN
         try:  # nothing may escape: this runs in the daemon's own nursery
-            while True:
+            while self._lost is not None:
                 limit = CONNECT_TIMEOUT
                 if not self._failed and self.timeout > 0:
                     left = self._lost_since + self.timeout - time.monotonic()
@@ -274,31 +314,61 @@ class Node:
                         self._fail()
                     else:
                         limit = min(limit, max(left, 0.05))
+                # Looked up on every attempt: a repoint replaces the backend.
+                backend = self.backend
+                reconnect = getattr(backend, "reconnect", None)
                 if reconnect is None:
-                    self._fail()
+                    if not self._failed:
+                        self._fail()
                     return
-                try:
-                    with trio.fail_after(limit):
-                        await reconnect()
-                except Exception as e:  # OSError, TooSlowError, a group from connect
-                    log.debug("%s: reconnect failed: %s", self.name, e)
+                failure = None
+                with trio.CancelScope() as self._attempt:
+                    try:
+                        with trio.fail_after(limit):
+                            await reconnect()
+                    except Exception as e:  # OSError, TooSlowError, a group from connect
+                        failure = e
+                self._attempt = None
+                if backend is not self.backend:
+                    # Repointed meanwhile: this attempt was for the old target.
+                    with trio.CancelScope(shield=True):
+                        await _close_quietly(backend)
+                    continue
+                if failure is not None or self._lost is None:
+                    if failure is not None:
+                        log.debug("%s: reconnect failed: %s", self.name, failure)
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
                     continue
                 self.stats.reconnects += 1
-                was_failed = self._failed
-                self._lost = None
-                self._failed = False
-                self._update_gate()
-                log.warning(
-                    "%s: reconnected%s after %.1f s",
-                    self.name,
-                    " (was failed)" if was_failed else "",
-                    time.monotonic() - self._lost_since,
-                )
+                self._back_online("reconnected")
                 return
         finally:
             self._reconnecting = False
+
+    def _back_online(self, how: str) -> None:
+        was_failed = self._failed
+        self._lost = None
+        self._failed = False
+        log.warning(
+            "%s: %s%s after %.1f s",
+            self.name,
+            how,
+            " (was failed)" if was_failed else "",
+            time.monotonic() - self._lost_since,
+        )
+        self._update_gate()
+
+    def replace_backend(self, backend: Backend) -> Backend:
+        """Point the node at `backend` (already open and answering); returns
+        the old one for the caller to close. A reconnect in progress is for
+        the old target: it is cancelled, and the node is back online."""
+        old, self.backend = self.backend, backend
+        if self._attempt is not None:
+            self._attempt.cancel()
+        if self._lost is not None or self._failed:
+            self._back_online(f"repointed to {backend.name}")
+        return old
 
     def _fail(self) -> None:
         self._failed = True
@@ -313,4 +383,13 @@ class Node:
     # -- teardown
 
     async def aclose(self) -> None:
+        if self._attempt is not None:
+            self._attempt.cancel()
         await self.backend.aclose()
+
+
+async def _close_quietly(backend: Backend) -> None:
+    try:
+        await backend.aclose()
+    except OSError as e:
+        log.debug("%s: closing: %s", backend.name, e)

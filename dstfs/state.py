@@ -7,6 +7,12 @@ a file we cannot understand is an error, not an empty array.
 A node entry is either `{"uri": ..., "size": SECTORS|null}` or, for the
 built-in default array, `{"serve": PATH, "size": ...}`: a file the daemon
 serves itself over NBD on a loopback port at each mount.
+
+Versions: 1 had no replica state. 2 adds the array's `generation` and, for a
+mirror's replicas, `synced`: the generation at which the replica was last
+known in sync (absent: never). A version 1 file loads as generation 0 with no
+replica state, and is rewritten as version 2 (atomically) at the first mount.
+The mirror's write-intent bitmaps are files beside it (dstfs.bitmap).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import attrs
 from dstfs.uri import parse_node
 
 STATE_FILE = "array.json"
-VERSION = 1
+VERSION = 2
+#: Versions this release reads (older ones are upgraded when next written).
+READABLE = (1, 2)
 
 
 @attrs.frozen
@@ -28,6 +36,8 @@ class NodeEntry:
     uri: str | None = None
     serve: str | None = None
     size: int | None = None
+    #: Mirror replicas: the array generation at which it was last in sync.
+    synced: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.uri is None) == (self.serve is None):
@@ -44,6 +54,8 @@ class ArrayConfig:
     alg: str = "alg_linear"
     options: dict[str, int] = attrs.field(factory=dict)
     nodes: tuple[NodeEntry, ...] = ()
+    #: Goes up each time a mirror's in-sync set shrinks (see NodeEntry.synced).
+    generation: int = 0
 
 
 def default_state_dir(name: str) -> Path:
@@ -64,13 +76,14 @@ def load(state_dir: Path) -> ArrayConfig | None:
             raise ValueError("not a JSON object")
         if not isinstance(doc.get("options", {}), dict) or not isinstance(doc["nodes"], list):
             raise ValueError("options must be an object and nodes a list")
-        if doc.get("version") != VERSION:
+        if doc.get("version") not in READABLE:
             raise ValueError(f"unknown version {doc.get('version')!r}")
         return ArrayConfig(
             name=str(doc["name"]),
             alg=str(doc["alg"]),
             options={str(k): int(v) for k, v in doc.get("options", {}).items()},
             nodes=tuple(NodeEntry(**n) for n in doc["nodes"]),
+            generation=int(doc.get("generation", 0)),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a dstfs state file: {e}") from None
@@ -83,6 +96,7 @@ def save(state_dir: Path, config: ArrayConfig) -> None:
         "name": config.name,
         "alg": config.alg,
         "options": config.options,
+        "generation": config.generation,
         "nodes": [
             {k: v for k, v in attrs.asdict(n).items() if v is not None} for n in config.nodes
         ],

@@ -254,7 +254,7 @@ async def test_timeout_takes_seconds(ctl: Ctl, text: str, shown: str) -> None:
 
 BAD = [
     ("alg", "garbage", errno.EINVAL),
-    ("alg", "alg_mirror", errno.EINVAL),  # not (yet) an algorithm
+    ("alg", "alg_raid5", errno.EINVAL),  # not an algorithm
     ("alg", "linear", errno.EINVAL),
     ("alg", "alg_stripe", errno.EBUSY),  # nodes exist
     ("alg", "", errno.EINVAL),

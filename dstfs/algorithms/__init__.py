@@ -3,22 +3,26 @@
 Rules: no I/O, no trio. An algorithm is an immutable value built from the
 node sizes; changing the array (adding a node) builds a new one. `map()`
 returns the extents of a range for reading or for writing: for linear and
-stripe they are the same; a mirror (later) reads from one replica and writes
-to all of them, which is why the write flag is part of the interface.
+stripe they are the same. A `redundant` algorithm (the mirror) returns copies
+instead of parts: one extent per replica, each covering the whole range; the
+array writes all of them and reads one (see Algorithm.redundant).
 """
 
 from dstfs.algorithms.base import Algorithm, Extent, make_algorithm
 from dstfs.algorithms.linear import Linear
+from dstfs.algorithms.mirror import DEFAULT_REGION, Mirror
 from dstfs.algorithms.stripe import DEFAULT_CHUNK, Stripe
 
-ALGORITHMS = {"alg_linear": Linear, "alg_stripe": Stripe}
+ALGORITHMS = {"alg_linear": Linear, "alg_stripe": Stripe, "alg_mirror": Mirror}
 
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_CHUNK",
+    "DEFAULT_REGION",
     "Algorithm",
     "Extent",
     "Linear",
+    "Mirror",
     "Stripe",
     "make_algorithm",
 ]

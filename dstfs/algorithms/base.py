@@ -31,6 +31,13 @@ class Algorithm(Protocol):
     name: str
     #: Node directories are n-INDEX (True) or n-START_SECTOR (False).
     named_by_index: bool
+    #: False: map() splits a range into parts, one node each, all needed.
+    #: True (a mirror): map() gives copies, one extent per replica, each
+    #: covering the whole range; a write must reach every replica that is
+    #: in sync (the others are marked dirty), a read needs any one of them,
+    #: in the array's order of preference. Which replica is usable is the
+    #: array's knowledge, not the map's: maps stay pure.
+    redundant: bool
 
     @property
     def size(self) -> int:

@@ -12,6 +12,7 @@ class Linear:
     name = "alg_linear"
     #: Node directories are n-START, as in the seed.
     named_by_index = False
+    redundant = False
 
     def __init__(self, node_sizes: Sequence[int]) -> None:
         starts = []

@@ -21,6 +21,7 @@ class Stripe:
     name = "alg_stripe"
     #: Node directories are n-INDEX: every node starts at sector 0.
     named_by_index = True
+    redundant = False
 
     def __init__(self, node_sizes: Sequence[int], chunk: int = DEFAULT_CHUNK) -> None:
         if chunk < MIN_CHUNK or chunk & (chunk - 1):
