@@ -623,9 +623,15 @@ class ReplicaSet:
 
         async def worker(number: int) -> None:
             nonlocal failed
-            for region in queue:
-                while number and self._foreground_busy() and not failed:
+            while not failed:
+                # Take a region only when allowed to copy it now: a worker
+                # that waited holding one would hold up the resync's end.
+                if number and self._foreground_busy():
                     await trio.sleep(YIELD_SLEEP)
+                    continue
+                region = next(queue, None)
+                if region is None:
+                    return
                 src = self._source(rep)
                 if failed or src is None or not rep.node.ready:
                     failed = True
