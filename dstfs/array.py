@@ -74,6 +74,10 @@ async def _all(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
         raise errors[0]
 
 
+#: The size a replica that was unreachable at mount counts with (the mirror
+#: is as big as its smallest known replica).
+UNKNOWN_SIZE = 1 << 62
+
 #: Seconds a server may take to accept and negotiate when a node is opened.
 OPEN_TIMEOUT = 10.0
 
@@ -209,6 +213,28 @@ class Array:
         log.info("%s: added node %s (%d sectors)", self.name, spec.uri, size // SECTOR)
         if self.on_resize is not None:
             self.on_resize()
+        return node
+
+    def add_unreachable_replica(
+        self, spec: NodeSpec, entry: state.NodeEntry, backend: Backend, why: str
+    ) -> Node:
+        """At mount: a mirror replica whose server does not answer joins as
+        `reconnecting` (its node reconnects in the background and is resynced
+        when back), so the array mounts degraded instead of not at all. Its
+        size is not known yet: it must be at least the disk's once back."""
+        assert self.alg.redundant
+        node = Node(spec, backend, UNKNOWN_SIZE, self.nursery)
+        alg = make_algorithm(
+            self.alg_name, [n.size for n in self.nodes] + [UNKNOWN_SIZE], **self.alg.options()
+        )
+        self.nodes.append(node)
+        self.entries.append(entry)
+        self.alg = alg
+        self._layout()
+        assert self.replicas is not None
+        self.replicas.attach(node, synced=False)
+        node.lost(f"not reachable at mount: {why}")
+        log.warning("%s: replica %s is not reachable: mounting degraded", self.name, spec.uri)
         return node
 
     async def remove_all_nodes(self) -> None:

@@ -289,7 +289,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     out.write(f"alg    {_read(Path(mnt, 'alg'))}\n")
     size = int(_read(Path(mnt, "size")))
     out.write(f"size   {size} sectors ({size * 512 / 2**30:.2f} GiB)\n")
-    rows = [("NODE", "STATE", "START", "SIZE", "READS", "WRITES", "ERR", "RECONN", "TARGET")]
+    mirror = Path(mnt, "degraded").exists()
+    if mirror:
+        out.write(f"degraded {_read(Path(mnt, 'degraded'))} replica(s) out of sync\n")
+        action = _read(Path(mnt, "sync_action"))
+        if action != "idle":
+            out.write(f"{action}  {_read(Path(mnt, 'sync_completed'))} sectors\n")
+        out.write(f"mismatch_cnt {_read(Path(mnt, 'mismatch_cnt'))}\n")
+    head = ("NODE", "STATE", "START", "SIZE", "READS", "WRITES", "ERR", "RECONN")
+    rows = [(*head, *(("DIRTY",) if mirror else ()), "TARGET")]
     for d in sorted(Path(mnt).glob("n-*"), key=lambda p: int(p.name[2:])):
         st = dict(line.split(" ", 1) for line in _read(d / "stats").splitlines())
         rows.append(
@@ -302,6 +310,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 st.get("writes", "?"),
                 st.get("errors", "?"),
                 st.get("reconnects", "?"),
+                *((_read(d / "dirty"),) if mirror else ()),
                 _read(d / "type"),
             )
         )
@@ -344,6 +353,64 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if status.startswith("failed") or status == "idle":
             raise CliError(f"migration of {node}: {status}")
         time.sleep(0.5)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """md's check/repair through `sync_action`, with its progress; exit 3
+    when a check found replicas that differ."""
+    mnt = args.mountpoint
+    action = "repair" if args.repair else "check"
+    if not _control(mnt, "sync_action").exists():
+        raise CliError(f"{mnt}: not a mirror ({_read(Path(mnt, 'alg'))}): nothing to verify")
+    _write(_control(mnt, "sync_action"), action)
+    progress = Progress(f"{action} {mnt}")
+    while True:
+        now = _read(Path(mnt, "sync_completed"))
+        if _read(Path(mnt, "sync_action")) == "idle" or now == "none":
+            break
+        done, total = (int(x) for x in now.split("/"))
+        progress.show(done * 512, total * 512)
+        time.sleep(0.2)
+    progress.close()
+    mismatches = int(_read(Path(mnt, "mismatch_cnt")))
+    sys.stdout.write(
+        f"{action}: {mismatches} mismatched sectors"
+        + (" (repaired)" if args.repair and mismatches else "")
+        + "\n"
+    )
+    return 3 if mismatches and not args.repair else 0
+
+
+class Progress:
+    """A progress bar with rate and time left on a terminal; a plain line
+    per tenth done otherwise (logs, pipes)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stdout.isatty()
+        self.t0 = time.monotonic()
+        self.last_tenth = -1
+
+    def show(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        elapsed = time.monotonic() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else float("inf")
+        eta = f"{left:.0f}s" if left != float("inf") else "?"
+        if self.tty:
+            bar = "#" * int(frac * 30)
+            sys.stdout.write(
+                f"\r{self.what} [{bar:<30}] {frac:6.1%} {rate / 1e6:7.1f} MB/s left {eta:>6}"
+            )
+            sys.stdout.flush()
+        elif int(frac * 10) != self.last_tenth:
+            self.last_tenth = int(frac * 10)
+            sys.stdout.write(f"{self.what}: {frac:.0%} ({rate / 1e6:.1f} MB/s, left {eta})\n")
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
 
 
 def _replica_index(text: str) -> int:
@@ -405,3 +472,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("uri")
     g.add_argument("--no-wait", action="store_true", help="start it and return")
     g.set_defaults(func=cmd_migrate)
+    v = sub.add_parser("verify", help="mirror: compare every replica (md's check), with progress")
+    v.add_argument("mountpoint")
+    v.add_argument("--repair", action="store_true", help="rewrite differing replicas")
+    v.set_defaults(func=cmd_verify)

@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import trio
 from dstfs import state
 from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend, create_sparse
+from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
 from dstfs.fs import DstFs
 from dstfs.migrate import migration_attrs
@@ -114,7 +116,19 @@ async def run(
                 else:
                     assert entry.uri is not None
                     spec = parse_node(entry.uri)
-                await array.add_node(spec, entry)
+                try:
+                    await array.add_node(spec, entry)
+                except ArrayError as e:
+                    if not (array.alg.redundant and spec.is_remote and _unreachable(e)):
+                        raise
+                    backend = NbdBackend(spec, nursery, connections)
+                    array.add_unreachable_replica(spec, entry, backend, e.strerror or str(e))
+            if array.nodes and all(not n.ready for n in array.nodes):
+                raise ArrayError(errno.EHOSTUNREACH, "no replica of the mirror is reachable")
+            if array.replicas is not None:
+                for node in array.nodes:  # known now: the disk's size
+                    if isinstance(node.backend, NbdBackend) and not node.ready:
+                        node.backend.min_size = array.size
         except (ArrayError, OSError, ValueError) as e:
             await give_up(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
             return
@@ -167,6 +181,19 @@ async def run(
                     reg.unlink()
             nursery.cancel_scope.cancel()
     log.info("%s: stopped", config.name)
+
+
+def _unreachable(e: OSError) -> bool:
+    """A server that is down or cut off, as opposed to one that answered
+    with something wrong (too small, read-only, bad URI)."""
+    return e.errno in (
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ECONNRESET,
+        errno.ENOENT,  # a unix socket not there (yet)
+    )
 
 
 async def _stop_on_signal() -> None:

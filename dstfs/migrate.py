@@ -317,11 +317,12 @@ async def _open_target(array: Array, node: Node, text: str) -> tuple[NodeSpec, B
         backend = await open_backend(spec.with_size(None), array.nursery, array.connections)
     except OSError as e:
         raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
-    if backend.size < node.size:
+    # A replica holds the disk (its own size may be unknown: unreachable at
+    # mount); any other node its share.
+    need = array.size if array.replicas is not None else node.size
+    if backend.size < need:
         await backend.aclose()
-        raise ControlError(
-            errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {node.size}"
-        )
+        raise ControlError(errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {need}")
     if getattr(backend, "read_only", False):
         await backend.aclose()
         raise ControlError(errno.EROFS, f"{spec.uri} is read-only")

@@ -292,6 +292,11 @@ class Node:
 
     # -- failover
 
+    def lost(self, why: str) -> None:
+        """The node's storage cannot be reached (e.g. at mount): reconnect
+        in the background, as after a broken connection."""
+        self._connection_lost(ConnectionLost(why))
+
     def _connection_lost(self, exc: Exception) -> None:
         self.stats.errors += 1
         if self._lost is None and not self._failed:

@@ -208,6 +208,12 @@ class ReplicaSet:
                 self.array.name,
                 len(crashed),
             )
+        # A replica that cannot be reached now is not in sync (unless it is
+        # the only good one: then I/O waits for it, as on a linear node).
+        for rep in self.replicas:
+            if rep.in_sync and not rep.node.ready and self.in_sync_count() > 1:
+                rep.in_sync = False
+                log.error("%s: out of sync (unreachable at mount)", rep.name)
         self._started = True
         if [r.in_sync for r in self.replicas] != good or force is not None:
             self.array.generation += 1  # who is good changed: a new generation
@@ -756,13 +762,17 @@ class ReplicaSet:
             reps = self._readable()
             if len(reps) < 2:
                 return
-            datas = []
-            for rep in reps:
+            datas: list[Buffer | None] = [None] * len(reps)
+
+            async def read(i: int) -> None:
                 try:
-                    datas.append(await rep.node.read(offset, length))
+                    datas[i] = await reps[i].node.read(offset, length)
                 except OSError as e:
-                    log.warning("%s: verify read of region %d failed: %s", rep.name, region, e)
-                    datas.append(None)
+                    log.warning("%s: verify read of region %d failed: %s", reps[i].name, region, e)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(reps)):
+                    nursery.start_soon(read, i)
             first = datas[0]
             if first is None:
                 return
