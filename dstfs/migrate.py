@@ -14,6 +14,7 @@ Rules of a migration (DESIGN.md, "Live migration"):
 - When every chunk is copied: the node is drained (its gate held shut for a
   moment), the new target is flushed, the node switches to it, the state dir
   is rewritten, the gate reopens, and the old connection is closed.
+- A chunk of zeroes (a hole) is sent as WRITE_ZEROES, not as bytes.
 - Any error on the new target, or `cancel`, ends the migration as
   `failed: reason`: the filter is removed and the old target stays, having
   received every write all along. Nothing is lost.
@@ -25,14 +26,15 @@ import errno
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from dstfs import sparse
 from dstfs.array import Array, open_backend
 from dstfs.backends.base import Backend, BackendFilter, Buffer, read_into
 from dstfs.control import Attr, ControlError, Tree
+from dstfs.interlock import RegionLock
 from dstfs.node import DEFAULT_TIMEOUT as DEFAULT_NODE_TIMEOUT
 from dstfs.node import Node
 from dstfs.uri import NodeSpec, parse_node
@@ -70,35 +72,17 @@ class MigrationFilter(BackendFilter):
         self.nchunks = math.ceil(size / chunk)
         #: Highest chunk index handed to a copier so far (-1: none).
         self.claimed = -1
-        self.copying: dict[int, trio.Event] = {}
-        self.writes_in: Counter[int] = Counter()
-        self._write_done = trio.Event()
+        #: Writers against the copier, chunk by chunk (dstfs.interlock).
+        self.lock = RegionLock()
         self.error: str | None = None
 
     def _chunks(self, offset: int, length: int) -> range:
         return range(offset // self.chunk, (offset + max(length, 1) - 1) // self.chunk + 1)
 
-    async def _enter(self, chunks: range) -> None:
-        while True:
-            busy = next((c for c in chunks if c in self.copying), None)
-            if busy is None:
-                break
-            await self.copying[busy].wait()
-        for c in chunks:
-            self.writes_in[c] += 1
-
-    def _leave(self, chunks: range) -> None:
-        for c in chunks:
-            self.writes_in[c] -= 1
-            if not self.writes_in[c]:
-                del self.writes_in[c]
-        self._write_done.set()
-        self._write_done = trio.Event()
-
     async def _mirror(self, op: Callable[[Backend], Awaitable[object]], chunks: range) -> None:
         """Run `op` on the old target, and on the new one if the copier has
         reached these chunks; new-target errors end the migration, not the op."""
-        await self._enter(chunks)
+        await self.lock.enter(chunks)
         try:
             if self.error is None and chunks.start <= self.claimed:
                 err: list[OSError] = []
@@ -123,7 +107,7 @@ class MigrationFilter(BackendFilter):
             else:
                 await op(self.inner)
         finally:
-            self._leave(chunks)
+            self.lock.leave(chunks)
 
     async def on_new(self, request: Awaitable[object]) -> None:
         """Await a request to the new target; no answer within the timeout is
@@ -152,20 +136,15 @@ class MigrationFilter(BackendFilter):
         if self.error is None:
             self.error = reason
             log.error("%s: migration to %s failed: %s", self.name, self.new.name, reason)
-        for ev in self.copying.values():
-            ev.set()
+        self.lock.wake_all()
 
     async def claim(self, index: int) -> None:
         """Hold writers off chunk `index` and wait for those already on it."""
         self.claimed = max(self.claimed, index)
-        self.copying[index] = trio.Event()
-        while self.writes_in.get(index):
-            await self._write_done.wait()
+        await self.lock.claim(index)
 
     def release(self, index: int) -> None:
-        ev = self.copying.pop(index, None)
-        if ev is not None:
-            ev.set()
+        self.lock.release(index)
 
 
 class Migration:
@@ -179,6 +158,9 @@ class Migration:
         #: unused): the bytes to copy.
         self.total = array.alg.used_bytes(array.nodes.index(node))
         self.copied = 0
+        #: Of `copied`: bytes sent as data, and zeroes sent as WRITE_ZEROES.
+        self.sent_bytes = 0
+        self.zero_bytes = 0
         self.status = "copying"
         self.filter: MigrationFilter | None = None
         self.cancel_scope = trio.CancelScope()
@@ -258,7 +240,16 @@ class Migration:
                         filt.fail(f"read from the old target failed: {e.strerror or e}")
                         return
                     try:
-                        await filt.on_new(filt.new.pwrite(offset, data))
+                        view = memoryview(data)
+                        for off, n, zero in sparse.runs(data):  # holes: no bytes sent
+                            if zero:
+                                await filt.on_new(filt.new.write_zeroes(offset + off, n))
+                                self.zero_bytes += n
+                            else:
+                                await filt.on_new(
+                                    filt.new.pwrite(offset + off, view[off : off + n])
+                                )
+                                self.sent_bytes += n
                     except OSError as e:
                         filt.fail(f"write to the new target failed: {e.strerror or e}")
                         return
@@ -289,12 +280,14 @@ class Migration:
             self.status = "done"
             elapsed = time.monotonic() - self.started
             log.warning(
-                "%s: migrated to %s: %d bytes in %.1f s (%.0f MB/s)",
+                "%s: migrated to %s: %d bytes in %.1f s (%.0f MB/s), %d sent as data, %d as zeroes",
                 old_name,
                 self.spec.uri,
                 self.total,
                 elapsed,
                 self.total / elapsed / 1e6 if elapsed else 0,
+                self.sent_bytes,
+                self.zero_bytes,
             )
         finally:
             if not was_suspended:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from dstfs import state
+from dstfs import sparse, state
 from dstfs.algorithms.base import SECTOR
 from dstfs.backends.base import Buffer
 from dstfs.bitmap import RegionBitmap
@@ -540,12 +539,14 @@ class ReplicaSet:
             data = await src.node.read(offset, length)
             assert data is not None
             try:
-                if data == _zeros(length):
-                    await dst.node.write_zeroes(offset, length)
-                    self.stats.resync_zero_bytes += length
-                else:
-                    await dst.node.write(offset, data)
-                    self.stats.resync_bytes += length
+                view = memoryview(data)
+                for off, n, zero in sparse.runs(data):  # zeroes: no bytes sent
+                    if zero:
+                        await dst.node.write_zeroes(offset + off, n)
+                        self.stats.resync_zero_bytes += n
+                    else:
+                        await dst.node.write(offset + off, view[off : off + n])
+                        self.stats.resync_bytes += n
             except OSError as e:
                 if not isinstance(e, NodeUnavailable):
                     log.warning("%s: copy of region %d failed: %s", dst.name, region, e)
@@ -789,11 +790,6 @@ class ReplicaSet:
                         rep.mark((region,))
         finally:
             self.lock.release(region)
-
-
-@functools.lru_cache(maxsize=4)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 def _open_bitmap(path: Path | None, regions: int) -> RegionBitmap:

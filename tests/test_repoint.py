@@ -95,3 +95,39 @@ async def test_repoint_while_reconnecting_follows_the_new_target(
     assert old.server.stats.active == 0
     assert node.state.value == "online"
     await array.aclose()
+
+
+async def test_migrating_a_mostly_empty_node_sends_only_its_data(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Issue 14: holes and zeroes go as WRITE_ZEROES; the target (a sparse
+    file behind dstfs's NBD server, which punches holes for them) ends up
+    with only the source's data allocated."""
+    size = 64 * MiB
+    src = tmp_path / "src.img"
+    FileBackend.create(str(src), size).close()
+    with src.open("r+b") as f:
+        for off in (0, 20 * MiB, 63 * MiB):
+            f.seek(off)
+            f.write(b"\xab" * (256 << 10))
+    target = Server(tmp_path / "dst.img")
+    target.server = NbdServer([Export("", FileBackend.create(str(tmp_path / "big.img"), size))])
+    await target.start(nursery)
+    array = Array("t", nursery)
+    await array.add_node(f"file://{src}")
+    tree = ControlTree(array, extra_node_attrs=migration_attrs(array))
+    await tree.write(("n-0", "migrate"), target.uri + "\n")
+    await wait_for(lambda: tree.read(("n-0", "migrate")) != "copying 0/131072 sectors\n", "start")
+    await wait_for(
+        lambda: (
+            tree.read(("n-0", "migrate")) in ("done\n",)
+            or "failed" in tree.read(("n-0", "migrate"))
+        ),
+        "migration over",
+    )
+    assert tree.read(("n-0", "migrate")) == "done\n"
+    assert (tmp_path / "big.img").read_bytes() == src.read_bytes()
+    allocated = (tmp_path / "big.img").stat().st_blocks * 512
+    data = 3 * (256 << 10)
+    assert allocated <= data + (2 << 20), allocated  # + one 2 MiB chunk at most
+    await array.aclose()
