@@ -166,6 +166,8 @@ class Array:
         self._save(self.config(alg=alg))
         self.alg = alg
         self.replicas = ReplicaSet(self) if alg.redundant else None
+        if self.replicas is not None:
+            self.replicas.start_empty()
         log.info("%s: algorithm is now %s", self.name, name)
 
     async def add_node(self, spec: NodeSpec | str, entry: state.NodeEntry | None = None) -> Node:
@@ -209,7 +211,7 @@ class Array:
             self.alg = alg
             self._layout()
             if self.replicas is not None:
-                self.replicas.attach(node, synced=False)
+                self.replicas.attach(node)
         log.info("%s: added node %s (%d sectors)", self.name, spec.uri, size // SECTOR)
         if self.on_resize is not None:
             self.on_resize()
@@ -232,7 +234,7 @@ class Array:
         self.alg = alg
         self._layout()
         assert self.replicas is not None
-        self.replicas.attach(node, synced=False)
+        self.replicas.attach(node)
         node.lost(f"not reachable at mount: {why}")
         log.warning("%s: replica %s is not reachable: mounting degraded", self.name, spec.uri)
         return node

@@ -141,19 +141,31 @@ class ReplicaSet:
         sd = self.array.state_dir
         return None if sd is None else sd / f"bitmap-{name}"
 
-    def attach(self, node: Node, synced: bool) -> Replica:
-        """A replica joins (at mount, from the state dir; or added at run
-        time, when it must be fully synced)."""
+    def attach(self, node: Node) -> Replica:
+        """A replica joins: at mount (start() decides, from the state dir,
+        whether it is in sync), or at run time: then the first replica of an
+        empty mirror holds the disk, and any other is fully synced."""
         node.hold = False
-        # At mount the bitmaps are opened by start(), once the disk's size
-        # (and so the region count) is known.
-        bm = RegionBitmap(None, 0)
-        if self._started:
-            bm = _open_bitmap(self._bitmap_path(f"n-{len(self.replicas)}"), self.alg.regions)
-        rep = Replica(node, bm, in_sync=synced)
-        self.replicas.append(rep)
         node.on_change = self._on_change
-        if self._started and not synced:
+        if not self._started:
+            # Bitmaps are opened by start(), once the disk's size (and so
+            # the region count) is known.
+            rep = Replica(node, RegionBitmap(None, 0))
+            self.replicas.append(rep)
+            return rep
+        first = not self.replicas
+        if first:  # the disk's size is known only now
+            if self.active is not None:
+                self.active.close()
+            self.active = _open_bitmap(self._bitmap_path("active"), self.alg.regions)
+            self.active.clear_all()
+        bm = _open_bitmap(self._bitmap_path(f"n-{len(self.replicas)}"), self.alg.regions)
+        rep = Replica(node, bm, in_sync=first)
+        self.replicas.append(rep)
+        if first:
+            bm.clear_all()  # a stale file of an earlier array
+            self._state_changed(rep, "first replica")
+        else:
             bm.mark_all()
             log.warning("%s: new replica: full sync of %d regions", node.name, len(bm))
             self._state_changed(rep, "added")
@@ -227,6 +239,10 @@ class ReplicaSet:
                 self._maybe_resync(rep)
         self.array.nursery.start_soon(self._cleaner)
 
+    def start_empty(self) -> None:
+        """A mirror chosen at run time (`alg`), before it has nodes."""
+        self.start(self.array.generation, [], None)
+
     async def replace(self, node: Node, swap: Callable[[], None]) -> None:
         """`migrate`/`target` of a replica: `swap()` points the node at its
         new target, which is then fully synced (zeroes are not sent). The
@@ -256,7 +272,6 @@ class ReplicaSet:
             _unlink(self.active.path)
         self.replicas = []
         self.active = None
-        self._started = False
 
     # -- what a person sees
 
@@ -440,7 +455,7 @@ class ReplicaSet:
     async def _write_once(self, offset: int, data: Buffer, regions: range) -> bool:
         if not self._readable():
             await self._wait_for_replica()
-        if self.active is not None and self.degraded == 0:
+        if self.active is not None:
             try:
                 await self.active.mark(regions)
             except OSError as e:

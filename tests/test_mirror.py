@@ -400,3 +400,32 @@ async def test_add_node_to_a_mirror_in_use_fully_syncs_it(
 def test_node_unavailable_is_an_oserror_with_eagain() -> None:
     e = NodeUnavailable("n", "suspended")
     assert isinstance(e, OSError) and e.errno == errno.EAGAIN
+
+
+async def test_a_mirror_built_at_run_time_and_rebuilt_after_remove_all(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    array = Array("rt", nursery, state_dir=tmp_path)
+    array.set_alg("alg_mirror")
+    for n in ("a", "b"):
+        replicas[n] = Replica(n)
+    replicas["a"].data[0:4] = b"data"
+    await array.add_node("file:///replica/a")
+    await array.add_node("file:///replica/b")
+    await settle(array)
+    assert replicas["b"].data[0:4] == b"data"  # the first replica is the source
+    await array.write(REGION, b"more")
+    assert replicas["b"].data[REGION : REGION + 4] == b"more"
+    saved = state.load(tmp_path)
+    assert saved is not None and all(e.synced == saved.generation for e in saved.nodes)
+
+    await array.remove_all_nodes()
+    assert not (tmp_path / "bitmap-n-1").exists()
+    replicas["c"], replicas["d"] = Replica("c"), Replica("d")
+    replicas["c"].data[5:8] = b"new"
+    await array.add_node("file:///replica/c")
+    await array.add_node("file:///replica/d")
+    await settle(array)
+    assert replicas["d"].data == replicas["c"].data
+    await array.write(0, b"x")
+    assert replicas["d"].data[0:1] == b"x"
