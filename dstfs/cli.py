@@ -1,7 +1,9 @@
 """The `dstfs` command line: build, inspect and tear down arrays, serve nodes.
 
 Rules: every failure is one clear line on stderr and a non-zero exit; a
-traceback reaches the user only with --debug.
+traceback reaches the user only with --debug. This module is the top of
+the CLI: it imports the array commands (`dstfs.commands`), never the other
+way round.
 """
 
 from __future__ import annotations
@@ -12,14 +14,11 @@ import sys
 
 import trio
 
-from dstfs import __version__
+from dstfs import __version__, commands
+from dstfs.commands import CliError
 from dstfs.uri import parse_size
 
 log = logging.getLogger("dstfs")
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
 
 
 def setup_logging(verbose: int, debug: bool = False) -> None:
@@ -84,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", help="create a sparse file of this size if PATH is missing (1G, 512M)")
     s.add_argument("--read-only", action="store_true", help="refuse writes")
     s.set_defaults(func=cmd_serve)
-
-    from dstfs import commands
 
     commands.add_parsers(sub)
     return p

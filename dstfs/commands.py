@@ -1,10 +1,24 @@
 """Array commands of the CLI: mount, umount, status, suspend, resume,
 migrate, target. Everything but mount works through the control files of
-a mounted array, exactly as a user with `cat` and `echo` would."""
+a mounted array, exactly as a user with `cat` and `echo` would.
+
+Rules:
+- A failure raises CliError: one line for the user, exit status 1.
+  `dstfs.cli` builds the parser and prints it; this module never imports
+  `dstfs.cli` (no import cycle).
+- A mount point is recognised from /proc/self/mountinfo, not by statting
+  it: a dstfs mount whose daemon died answers every stat with ENOTCONN.
+  `status` says so, `umount` cleans it up, `mount` refuses it with the way
+  out (README "Recovery after the daemon died"): cleaning it up silently
+  would hide that the filesystem on top needs e2fsck.
+- `mount` locks the state dir (`dstfs.statelock`) before it reads or
+  creates anything there, and the daemon holds that lock while it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import subprocess
@@ -15,12 +29,18 @@ from pathlib import Path
 import attrs
 import trio
 
-from dstfs import state
+from dstfs import mountinfo, registry, state, statelock
 from dstfs.algorithms import make_algorithm
-from dstfs.cli import CliError
+from dstfs.defaults import default_config
 from dstfs.uri import parse_node, parse_size
 
 log = logging.getLogger(__name__)
+
+RECOVERY = 'README "Recovery after the daemon died"'
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
 
 
 def _alg_name(text: str) -> str:
@@ -29,8 +49,6 @@ def _alg_name(text: str) -> str:
 
 def _resolve_config(args: argparse.Namespace, state_dir: Path) -> state.ArrayConfig:
     """What to mount: the state dir's array, or a new one from the flags."""
-    from dstfs.daemon import default_config
-
     try:
         saved = state.load(state_dir)
     except ValueError as e:
@@ -98,29 +116,66 @@ def _first_generation(config: state.ArrayConfig) -> state.ArrayConfig:
     return attrs.evolve(config, generation=1, nodes=(first, *config.nodes[1:]))
 
 
+def _dead(mountpoint: str) -> bool:
+    """Whether the FUSE mount on `mountpoint` lost its daemon: the kernel
+    answers ENOTCONN. (A live daemon answers the stat at once.)"""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _daemon_pid(mountpoint: str) -> str:
+    reg = registry.read_registry(mountpoint)
+    return str(reg.get("pid", "?")) if reg else "?"
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)
+    found = mountinfo.mount_at(mountpoint)
+    if found is not None:
+        if found.is_dstfs and _dead(mountpoint):
+            raise CliError(
+                f"{mountpoint}: a mount whose daemon died is still there; "
+                f"run `dstfs umount {mountpoint}` first ({RECOVERY})"
+            )
+        raise CliError(f"{mountpoint}: already a mount point ({found.fstype}; busy)")
     if not os.path.isdir(mountpoint):
         raise CliError(f"{mountpoint}: not a directory")
-    if os.path.ismount(mountpoint):
-        raise CliError(f"{mountpoint}: already a mount point (busy)")
     state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
     state_dir = state_dir.absolute()
+    if args.lock_fd is not None:
+        lock_fd = args.lock_fd  # taken by the `dstfs mount` that started us
+    else:
+        try:
+            lock_fd = statelock.acquire(state_dir)
+        except statelock.StateDirBusy as e:
+            raise CliError(str(e)) from None
+        except OSError as e:
+            raise CliError(f"{state_dir}: {e.strerror}") from None
     try:
         config = _resolve_config(args, state_dir)
     except ValueError as e:
         raise CliError(str(e)) from None
     if args.foreground or args.ready_fd is not None:
-        return _run_daemon(args, mountpoint, config, state_dir)
-    return _spawn_daemon(args, mountpoint, state_dir)
+        return _run_daemon(args, mountpoint, config, state_dir, lock_fd)
+    return _spawn_daemon(args, mountpoint, state_dir, lock_fd)
 
 
 def _run_daemon(
-    args: argparse.Namespace, mountpoint: str, config: state.ArrayConfig, state_dir: Path
+    args: argparse.Namespace,
+    mountpoint: str,
+    config: state.ArrayConfig,
+    state_dir: Path,
+    lock_fd: int,
 ) -> int:
     from dstfs import daemon
     from dstfs.malloc import keep_freed_memory
 
+    # Held until this process exits; no child of ours may inherit it.
+    os.set_inheritable(lock_fd, False)
+    statelock.record(lock_fd, os.getpid(), mountpoint)
     failure: list[str] = []
 
     def ready(message: str) -> None:
@@ -151,11 +206,11 @@ def _run_daemon(
     return 0
 
 
-def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) -> int:
-    """Start the daemon in the background; return once it has mounted."""
+def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path, lock_fd: int) -> int:
+    """Start the daemon in the background with the state dir's lock; return
+    once it has mounted."""
     logfile = state_dir / "daemon.log"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
         logfile.touch()
     except OSError as e:
         raise CliError(f"{state_dir}: {e.strerror}") from None
@@ -163,7 +218,7 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) ->
     argv = [sys.executable, "-m", "dstfs"]
     argv += ["-v"] * max(args.verbose, 1)
     argv += ["mount", mountpoint, "--state", str(state_dir), "--ready-fd", str(wfd)]
-    argv += ["--connections", str(args.connections)]
+    argv += ["--lock-fd", str(lock_fd), "--connections", str(args.connections)]
     if args.name:
         argv += ["--name", args.name]
     if args.alg:
@@ -182,10 +237,11 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path) ->
             stdin=subprocess.DEVNULL,
             stdout=log_out,
             stderr=log_out,
-            pass_fds=(wfd,),
+            pass_fds=(wfd, lock_fd),
             start_new_session=True,
         )
     os.close(wfd)
+    os.close(lock_fd)  # the daemon's copy holds the lock now
     # One line: "ok" or why not; nothing if the daemon died first.
     with os.fdopen(rfd, "rb") as r:
         message = r.readline().strip()
@@ -214,12 +270,15 @@ def _say_mounted(mountpoint: str, logfile: Path) -> None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from dstfs.daemon import read_registry
-
-    mountpoint = os.path.abspath(args.mountpoint)
-    reg = read_registry(mountpoint)
-    if not os.path.ismount(mountpoint):
+    mountpoint = os.path.realpath(args.mountpoint)
+    found = mountinfo.mount_at(mountpoint)
+    if found is None:
         raise CliError(f"{mountpoint}: not mounted")
+    if not found.is_dstfs:
+        raise CliError(f"{mountpoint}: not a dstfs mount ({found.fstype})")
+    if _dead(mountpoint):
+        return _umount_dead(mountpoint, found)
+    reg = registry.read_registry(mountpoint)
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         detail = res.stderr.strip()
@@ -236,6 +295,42 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if _alive(pid):
             raise CliError(f"daemon {pid} did not exit after unmount")
     return 0
+
+
+def _umount_dead(mountpoint: str, found: mountinfo.Mount) -> int:
+    """Clear away a mount whose daemon died: abort its FUSE connection (so
+    nothing waits on it), unmount it lazily (a loop device may still hold
+    disk.img), forget the daemon."""
+    pid = _daemon_pid(mountpoint)
+    # Before the unmount: once detached, sysfs names the file "/disk.img".
+    held = _loops_over(os.path.join(mountpoint, "disk.img"))
+    log.info("%s: daemon %s is dead; aborting FUSE connection %s", mountpoint, pid, found.minor)
+    mountinfo.abort_fuse(found)
+    res = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0 and os.getuid() == 0:
+        res = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CliError(f"cannot unmount the dead mount {mountpoint}: {res.stderr.strip()}")
+    registry.remove_registry(registry.registry_path(mountpoint))
+    if held:
+        sys.stderr.write(
+            f"dstfs umount: {', '.join(held)} still hold the dead disk.img: "
+            f"umount what is on them and losetup -d them ({RECOVERY})\n"
+        )
+    return 0
+
+
+def _loops_over(path: str) -> list[str]:
+    """/dev/loopN devices backed by `path` (from sysfs: no stat of `path`)."""
+    devs = []
+    for bf in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            name = bf.read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if name == path:
+            devs.append(f"/dev/{bf.parent.parent.name}")
+    return devs
 
 
 def _alive(pid: int) -> bool:
@@ -283,6 +378,13 @@ def _node_dir(mountpoint: str, node: str) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     mnt = args.mountpoint
+    real = os.path.realpath(mnt)
+    found = mountinfo.mount_at(real)
+    if found is not None and found.is_dstfs and _dead(real):
+        raise CliError(
+            f"{real}: the daemon (pid {_daemon_pid(real)}) is dead and its FUSE connection "
+            f"is gone; run `dstfs umount {real}` ({RECOVERY})"
+        )
     _control(mnt)
     out = sys.stdout
     out.write(f"array  {_read(Path(mnt, 'name'))}\n")
@@ -443,6 +545,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
     m.add_argument("--connections", type=int, default=1, help="NBD connections per node")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="flush every node and unmount")

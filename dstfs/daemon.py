@@ -7,72 +7,36 @@ Rules:
   the filesystem is usable, or fails with that line.
 - The built-in default array: nodes whose state entry says `serve` are files
   this daemon exports itself over NBD on loopback, on a new port each mount.
-- A registry file in the runtime dir names the daemon of each mount point,
-  for `dstfs umount`.
+- A registry file in the runtime dir (`dstfs.registry`) names the daemon
+  of each mount point, for `dstfs umount`.
+- The state dir's lock (`dstfs.statelock`) is taken by `dstfs mount` before
+  this runs and held by this process until it exits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import logging
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from dstfs import state
+from dstfs import mountinfo, state
 from dstfs.array import Array, ArrayError
-from dstfs.backends.file import FileBackend, create_sparse
+from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
 from dstfs.fs import DstFs
 from dstfs.migrate import migration_attrs
 from dstfs.nbd.server import Export, NbdServer
+from dstfs.registry import registry_path, remove_registry, write_registry
 from dstfs.uri import parse_node
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NODE_SIZE = 1 << 30
-DEFAULT_NODES = 2
-
-
-def runtime_dir() -> Path:
-    if os.getuid() == 0:
-        return Path("/run/dstfs")
-    return Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/dstfs-{os.getuid()}")) / "dstfs"
-
-
-def registry_path(mountpoint: str) -> Path:
-    """Never call with a path under our own mount from inside the daemon."""
-    key = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "_"
-    return runtime_dir() / f"{key}.json"
-
-
-def read_registry(mountpoint: str) -> dict | None:
-    try:
-        return json.loads(registry_path(mountpoint).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def default_config(
-    name: str, state_dir: Path, alg: str = "alg_linear", options: dict[str, int] | None = None
-) -> state.ArrayConfig:
-    """The built-in array: two 1 GiB sparse files in the state dir, joined by
-    `alg` (linear unless the user asked for another)."""
-    entries = []
-    for i in range(DEFAULT_NODES):
-        path = state_dir / f"node-{i}.img"
-        if not path.exists():
-            create_sparse(str(path), DEFAULT_NODE_SIZE)
-        entries.append(state.NodeEntry(serve=str(path)))
-    return state.ArrayConfig(name=name, alg=alg, options=options or {}, nodes=tuple(entries))
 
 
 async def _serve_embedded(nursery: trio.Nursery, path: str) -> str:
@@ -156,17 +120,18 @@ async def run(
         # process would wait for this process (a deadlock).
         real_mountpoint = os.path.realpath(mountpoint)
         reg = registry_path(real_mountpoint)
+        # `dstfs mount` checked this already; checked again right before
+        # mounting, so two racing mounts rarely stack (the kernel would).
+        if mountinfo.mount_at(real_mountpoint) is not None:
+            await give_up(f"{mountpoint}: already a mount point (busy)")
+            return
         try:
             pyfuse3.init(ops, mountpoint, options)
         except RuntimeError as e:
             await give_up(f"cannot mount on {mountpoint}: {e}")
             return
         try:
-            reg.parent.mkdir(parents=True, exist_ok=True)
-            state.write_atomic(
-                reg,
-                json.dumps({"pid": os.getpid(), "state": str(state_dir), "mountpoint": mountpoint}),
-            )
+            write_registry(reg, os.getpid(), state_dir, mountpoint)
             _raise_max_background(real_mountpoint)
             ready("ok")
             log.info("%s: mounted on %s (%d bytes)", config.name, mountpoint, array.size)
@@ -177,8 +142,7 @@ async def run(
                 log.info("%s: unmounting: flushing and disconnecting nodes", config.name)
                 await array.aclose()
                 pyfuse3.close(unmount=True)
-                with contextlib.suppress(OSError):
-                    reg.unlink()
+                remove_registry(reg)
             nursery.cancel_scope.cancel()
     log.info("%s: stopped", config.name)
 
@@ -213,21 +177,13 @@ def _raise_max_background(real_mountpoint: str) -> None:
     point from this process could deadlock it."""
     if os.getuid() != 0:
         return
-    minor = None
+    found = mountinfo.mount_at(real_mountpoint)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4] == real_mountpoint and " - fuse" in line:
-                    minor = parts[2].split(":")[1]
-        conn = Path("/sys/fs/fuse/connections")
-        if not (conn / "1").exists() and not any(conn.iterdir()):
-            subprocess.run(
-                ["mount", "-t", "fusectl", "none", str(conn)], capture_output=True, check=False
-            )
-        if minor is not None:
-            (conn / minor / "max_background").write_text(str(MAX_BACKGROUND))
-            (conn / minor / "congestion_threshold").write_text(str(MAX_BACKGROUND * 3 // 4))
-            log.debug("fuse connection %s: max_background %d", minor, MAX_BACKGROUND)
+        mountinfo.ensure_fusectl()
+        if found is not None and found.is_fuse:
+            conn = mountinfo.FUSECTL / found.minor
+            (conn / "max_background").write_text(str(MAX_BACKGROUND))
+            (conn / "congestion_threshold").write_text(str(MAX_BACKGROUND * 3 // 4))
+            log.debug("fuse connection %s: max_background %d", found.minor, MAX_BACKGROUND)
     except OSError as e:
         log.info("could not raise max_background: %s", e)

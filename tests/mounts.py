@@ -117,9 +117,9 @@ def is_daemon_of(pid: int, mnt: Path) -> bool:
 
 
 def _registry(mnt: Path) -> Path:
-    """dstfs.daemon.registry_path without its realpath(), which would stat
+    """dstfs.registry.registry_path without its realpath(), which would stat
     the mount point."""
-    from dstfs.daemon import runtime_dir
+    from dstfs.registry import runtime_dir
 
     return runtime_dir() / (str(mnt).strip("/").replace("/", "_") + ".json")
 

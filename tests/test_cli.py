@@ -19,6 +19,7 @@ from mounts import (
     loop,
     mount_cmd,
     mounted,
+    mountinfo,
     new_dir,
     teardown,
 )
@@ -213,3 +214,47 @@ def test_umount_returns_once_the_daemon_has_exited_even_if_not_yet_reaped(
                     break
             time.sleep(0.05)
         teardown(mnt, pid)
+
+
+# -- one daemon per state dir, one mount per mount point (issue 12, hole 5)
+
+
+def test_a_second_mount_on_the_same_state_dir_is_one_line_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    a = node_file(tmp_path)
+    state = tmp_path / "state"
+    with mounted(tmp_path, nodes=[f"file://{a}"], state=state) as mnt:
+        pid = daemon_pid(mnt)
+        before = sorted((p.name, p.read_bytes()) for p in state.iterdir() if p.is_file())
+        other = new_dir(tmp_path, "other")
+        try:
+            line = one_line(dstfs("mount", str(other), "--state", str(state), "--node", str(a)))
+        finally:
+            teardown(other, daemon_pid(other))
+        assert str(state) in line and "in use" in line and f"daemon {pid} " in line, line
+        assert not is_mounted(other)
+        after = sorted((p.name, p.read_bytes()) for p in state.iterdir() if p.is_file())
+        assert after == before
+        assert (mnt / "n-0" / "state").read_text() == "online\n"  # the first one still works
+    # The lock went with the daemon: the same state dir mounts again.
+    with mounted(tmp_path, state=state) as mnt:
+        assert (mnt / "size").read_text() == f"{4 * MiB // 512}\n"
+
+
+def test_mount_on_a_bind_mount_is_one_line_and_stacks_nothing(tmp_path: Path) -> None:
+    # A bind mount of a directory onto itself: same device and inode as
+    # before, so os.path.ismount() does not see it; mountinfo does.
+    a = node_file(tmp_path)
+    where = new_dir(tmp_path, "bound")
+    subprocess.run(["mount", "--bind", str(where), str(where)], check=True)
+    try:
+        res = dstfs("mount", str(where), "--state", str(tmp_path / "s"), "--node", str(a))
+        line = one_line(res)
+        assert "already a mount point" in line and str(where) in line
+        there = [fs for _, mp, fs, _ in mountinfo() if mp == str(where)]
+        assert len(there) == 1 and not there[0].startswith("fuse"), there  # the bind only
+    finally:
+        teardown(where, daemon_pid(where))
+        subprocess.run(["umount", str(where)], check=False)
+    assert not is_mounted(where)

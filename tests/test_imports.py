@@ -1,0 +1,111 @@
+"""No import cycles between dstfs modules (issue 12): every `import` and
+`from ... import` in the package, at module level or inside a function, is
+an edge; a strongly connected component of more than one module is a cycle.
+Read with `ast`, so nothing is imported and a deferred import inside a
+function counts too (it is how cycles hide)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "dstfs"
+
+#: Cycles that another part of issue 12 removes (algorithms/ is not ours to
+#: change here): algorithms.base.make_algorithm imports the package's
+#: ALGORITHMS table, and the package imports base.
+KNOWN = [
+    {
+        "dstfs.algorithms",
+        "dstfs.algorithms.base",
+        "dstfs.algorithms.linear",
+        "dstfs.algorithms.stripe",
+    },
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+
+    def owner(name: str) -> str | None:
+        """The dstfs module `name` (a module or a name in one) lives in."""
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(owner(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                deps.update(owner(f"{base}.{a.name}") or owner(base) for a in node.names)
+        graph[mod] = {d for d in deps if d is not None and d != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_deferred_and_relative_imports() -> None:
+    graph = import_graph()
+    assert "dstfs.commands" in graph["dstfs.cli"]
+    assert "dstfs.daemon" in graph["dstfs.commands"]  # imported inside a function
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_no_import_cycles_between_dstfs_modules() -> None:
+    new = [c for c in cycles(import_graph()) if c not in KNOWN]
+    assert new == []
+
+
+def test_registry_and_defaults_live_outside_the_daemon() -> None:
+    graph = import_graph()
+    assert "dstfs.daemon" not in graph["dstfs.registry"] | graph["dstfs.defaults"]
+    assert {"dstfs.registry", "dstfs.defaults"} <= graph["dstfs.commands"]
