@@ -9,6 +9,12 @@ Rules:
   Anything else is EINVAL. Bad input raises `ControlError(errno, reason)`
   before anything changes: EINVAL for garbage, EBUSY/ENODEV/ECONNREFUSED...
   where that is the truth.
+- A number written to a control file is parsed by `parse_number` only:
+  ASCII decimal digits with at most one decimal point and up to six
+  decimals, no sign, exponent, `inf`/`nan`, `_` or non-ASCII digits, within
+  the file's range (`timeout`: 0 to 31536000 s, a year). A number shown
+  is written back as it reads.
+- `n-*/timeout` is saved with the node in the state dir before it applies.
 - This module knows nothing of FUSE: `dstfs.fs` renders it; tests drive it
   directly.
 """
@@ -17,11 +23,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
+import re
 from collections.abc import Awaitable, Callable
 
 import attrs
 
+from dstfs import state
 from dstfs.algorithms import ALGORITHMS
 from dstfs.array import Array
 from dstfs.node import Node, render_counters
@@ -49,6 +56,29 @@ class Attr:
 
 
 Tree = dict[str, "Attr | Tree"]
+
+#: [0-9] is ASCII only (\d would take "٣"); no sign, so no "-0".
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]{1,6})?")
+
+
+def parse_number(value: str, what: str, maximum: float, fraction: bool = True) -> float:
+    """`value` (a stripped control-file write) as a number in 0..maximum:
+    ASCII decimal, one optional decimal point with up to six decimals if
+    `fraction`. ControlError(EINVAL), naming `what`, for anything else."""
+    if _NUMBER.fullmatch(value) is None or (not fraction and "." in value):
+        kind = "a decimal number" if fraction else "a whole number"
+        raise ControlError(errno.EINVAL, f"{what} is {kind} from 0 to {show_number(maximum)}")
+    # Compare exactly before converting: a long run of digits stays an int.
+    whole, _, decimals = value.partition(".")
+    too_long = len(whole.lstrip("0")) > 18  # int() of 4300+ digits raises
+    if too_long or int(whole) > maximum or (int(whole) == maximum and decimals.strip("0")):
+        raise ControlError(errno.EINVAL, f"{what} is at most {show_number(maximum)}")
+    return float(value) if fraction else int(whole)
+
+
+def show_number(value: float) -> str:
+    """A number as parse_number reads it back: no exponent, no trailing zeros."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
 def _value(text: str) -> str:
@@ -98,7 +128,9 @@ class ControlTree:
             "size": Attr(show=lambda: f"{node.sectors}\n"),
             "state": Attr(show=lambda: self._node_state(node) + "\n"),
             "stats": Attr(show=lambda: node.stats.snapshot().render()),
-            "timeout": Attr(show=lambda: f"{node.timeout:g}\n", store=self._timeout_store(node)),
+            "timeout": Attr(
+                show=lambda: show_number(node.timeout) + "\n", store=self._timeout_store(node)
+            ),
             "suspend": Attr(
                 show=lambda: f"{int(node.suspended)}\n", store=self._suspend_store(node)
             ),
@@ -196,12 +228,19 @@ class ControlTree:
 
     def _timeout_store(self, node: Node) -> Callable[[str], Awaitable[None]]:
         async def store(value: str) -> None:
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not math.isfinite(seconds) or seconds < 0:
-                raise ControlError(errno.EINVAL, "timeout is a number of seconds >= 0")
+            seconds = parse_number(value, "timeout", state.MAX_TIMEOUT)
+            a = self.array
+            if node not in a.nodes:
+                raise ControlError(errno.ENODEV, "the node is gone")
+            entries = list(a.entries)
+            i = a.nodes.index(node)
+            entries[i] = attrs.evolve(entries[i], timeout=seconds)
+            old, a.entries = a.entries, entries
+            try:  # saved first: a timeout the state dir does not hold is not set
+                a.persist()
+            except OSError:
+                a.entries = old
+                raise
             node.timeout = seconds
 
         return store

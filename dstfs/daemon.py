@@ -11,6 +11,7 @@ Rules:
   of each mount point, for `dstfs umount`.
 - The state dir's lock (`dstfs.statelock`) is taken by `dstfs mount` before
   this runs and held by this process until it exits.
+- A node entry's saved `timeout` is applied when the node is opened.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ async def run(
                 for node in array.nodes:  # known now: the disk's size
                     if isinstance(node.backend, NbdBackend) and not node.ready:
                         node.backend.min_size = array.size
+            for node, entry in zip(array.nodes, array.entries, strict=True):
+                if entry.timeout is not None:  # saved through n-*/timeout
+                    node.timeout = entry.timeout
         except (ArrayError, OSError, ValueError) as e:
             await give_up(f"cannot open node: {e.strerror if isinstance(e, OSError) else e}")
             return

@@ -6,7 +6,9 @@ a file we cannot understand is an error, not an empty array.
 
 A node entry is either `{"uri": ..., "size": SECTORS|null}` or, for the
 built-in default array, `{"serve": PATH, "size": ...}`: a file the daemon
-serves itself over NBD on a loopback port at each mount.
+serves itself over NBD on a loopback port at each mount. Either may carry
+`"timeout": SECONDS` (the node's timeout, set through its control file); an
+absent field means the default (any version).
 
 Versions: 1 had no replica state. 2 adds the array's `generation` and, for a
 mirror's replicas, `synced`: the generation at which the replica was last
@@ -18,6 +20,7 @@ The mirror's write-intent bitmaps are files beside it (dstfs.bitmap).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -29,6 +32,9 @@ STATE_FILE = "array.json"
 VERSION = 2
 #: Versions this release reads (older ones are upgraded when next written).
 READABLE = (1, 2)
+#: The longest node timeout, in seconds (a year): the control file and the
+#: state file accept 0 <= timeout <= this.
+MAX_TIMEOUT = 86400 * 365
 
 
 @attrs.frozen
@@ -38,6 +44,8 @@ class NodeEntry:
     size: int | None = None
     #: Mirror replicas: the array generation at which it was last in sync.
     synced: int | None = None
+    #: Seconds I/O waits for this node when lost (None: the default).
+    timeout: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.uri is None) == (self.serve is None):
@@ -46,6 +54,12 @@ class NodeEntry:
             parse_node(self.uri)  # validate
         if self.size is not None and self.size <= 0:
             raise ValueError("node size must be positive")
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, int | float)
+            or not (math.isfinite(self.timeout) and 0 <= self.timeout <= MAX_TIMEOUT)
+        ):
+            raise ValueError(f"node timeout must be 0..{MAX_TIMEOUT} seconds")
 
 
 @attrs.frozen

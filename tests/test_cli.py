@@ -258,3 +258,14 @@ def test_mount_on_a_bind_mount_is_one_line_and_stacks_nothing(tmp_path: Path) ->
         teardown(where, daemon_pid(where))
         subprocess.run(["umount", str(where)], check=False)
     assert not is_mounted(where)
+
+
+def test_a_node_timeout_survives_a_remount(tmp_path: Path) -> None:
+    a, b = node_file(tmp_path, "a.img"), node_file(tmp_path, "b.img")
+    state = tmp_path / "state"
+    with mounted(tmp_path, nodes=[f"file://{a}", f"file://{b}"], state=state) as mnt:
+        (mnt / "n-8192" / "timeout").write_text("2.5\n")
+        assert (mnt / "n-8192" / "timeout").read_text() == "2.5\n"
+    with mounted(tmp_path, state=state) as mnt:
+        assert (mnt / "n-8192" / "timeout").read_text() == "2.5\n"
+        assert (mnt / "n-0" / "timeout").read_text() == "30\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import dstfs.array
 from dstfs import state
 from dstfs.array import Array
 from dstfs.backends.file import FileBackend
-from dstfs.control import MAX_WRITE, Attr, ControlError, ControlTree
+from dstfs.control import MAX_WRITE, Attr, ControlError, ControlTree, parse_number
 from dstfs.nbd.server import Export, NbdServer
 
 SECTORS = 800
@@ -243,11 +244,96 @@ async def test_suspend_and_resume_show_in_state(ctl: Ctl) -> None:
     assert ctl.read("n-800", "state") == "online\n"
 
 
-@pytest.mark.parametrize(("text", "shown"), [("5\n", "5\n"), ("0", "0\n"), ("2.5", "2.5\n")])
-async def test_timeout_takes_seconds(ctl: Ctl, text: str, shown: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "shown", "seconds"),
+    [
+        ("5\n", "5\n", 5),
+        ("0", "0\n", 0),
+        ("2.5", "2.5\n", 2.5),
+        ("007", "7\n", 7),
+        ("0.000001", "0.000001\n", 0.000001),
+        ("31536000", "31536000\n", 31536000),  # a year: the largest
+        ("31535999.999999", "31535999.999999\n", 31535999.999999),
+    ],
+)
+async def test_timeout_takes_seconds_and_saves_them_with_the_node(
+    ctl: Ctl, text: str, shown: str, seconds: float
+) -> None:
     await ctl.write(text, "n-0", "timeout")
     assert ctl.read("n-0", "timeout") == shown
+    assert ctl.array.nodes[0].timeout == seconds
     assert ctl.read("n-800", "timeout") == "30\n"
+    saved = state.load(ctl.tmp / "state")
+    assert saved is not None
+    assert saved.nodes[0] == state.NodeEntry(uri=f"file://{ctl.local}", timeout=seconds)
+    assert saved.nodes[1].timeout is None
+    # What is shown can be written back unchanged.
+    await ctl.write(shown, "n-0", "timeout")
+    assert ctl.read("n-0", "timeout") == shown
+
+
+BAD_NUMBERS = [
+    "-0",
+    "-1",
+    "+5",
+    "\u0663",  # ARABIC-INDIC DIGIT THREE: int() and float() take it
+    "\uff15",  # FULLWIDTH DIGIT FIVE
+    "1e3",
+    "1E3",
+    "inf",
+    "Infinity",
+    "nan",
+    "-nan",
+    str(2**64 + 1),
+    "9" * 4000,
+    "31536000.000001",  # a year and a microsecond
+    "31536001",
+    "1_000",
+    "0x10",
+    "1.",
+    ".5",
+    "1.2.3",
+    "1.0000001",  # seven decimals
+    "5 s",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", BAD_NUMBERS)
+async def test_timeout_takes_only_ascii_decimal_in_range(ctl: Ctl, text: str) -> None:
+    await ctl.write("7", "n-0", "timeout")
+    before = snapshot(ctl)
+    with pytest.raises(ControlError) as e:
+        await ctl.write(text, "n-0", "timeout")
+    assert e.value.errno == errno.EINVAL, e.value.message
+    assert ctl.read("n-0", "timeout") == "7\n"
+    assert ctl.array.nodes[0].timeout == 7
+    assert snapshot(ctl) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("0", 0), ("12", 12), ("3.25", 3.25), ("0010.50", 10.5)]
+)
+def test_parse_number_reads_ascii_decimal(text: str, value: float) -> None:
+    assert parse_number(text, "x", 100) == value
+
+
+@pytest.mark.parametrize("text", ["3.5", "101", "-0", "\u0663"])
+def test_parse_number_of_a_whole_number_refuses_fractions_and_range(text: str) -> None:
+    with pytest.raises(ControlError) as e:
+        parse_number(text, "count", 100, fraction=False)
+    assert e.value.errno == errno.EINVAL and "count" in e.value.message
+
+
+async def test_a_timeout_that_cannot_be_saved_is_not_set(ctl: Ctl) -> None:
+    # The tests run as root, who ignores modes: a file where the dir was.
+    shutil.rmtree(ctl.tmp / "state")
+    (ctl.tmp / "state").write_text("in the way\n")
+    with pytest.raises(ControlError):
+        await ctl.write("9", "n-0", "timeout")
+    assert ctl.read("n-0", "timeout") == "30\n"
+    assert ctl.array.nodes[0].timeout == 30
+    assert ctl.array.entries[0].timeout is None
 
 
 # -- bad writes: the right errno, and nothing changes
@@ -356,3 +442,24 @@ async def test_a_refused_write_is_logged_with_its_reason(
     with caplog.at_level(logging.WARNING, logger="dstfs.control"), pytest.raises(ControlError):
         await ctl.write("garbage\n", "alg")
     assert "unknown algorithm 'garbage'" in caplog.text
+
+
+def test_a_state_file_without_timeouts_loads_with_the_default(tmp_path: Path) -> None:
+    # Written before nodes had a saved timeout: still version 1.
+    (tmp_path / "array.json").write_text(
+        '{"version": 1, "name": "old", "alg": "alg_linear", "options": {},'
+        ' "nodes": [{"uri": "file:///x.img"}, {"serve": "/y.img", "size": 8}]}'
+    )
+    saved = state.load(tmp_path)
+    assert saved is not None
+    assert [n.timeout for n in saved.nodes] == [None, None]
+
+
+@pytest.mark.parametrize("timeout", ["-1", "1e300", "true", '"5"', "31536001"])
+def test_a_state_file_with_a_bad_timeout_is_refused(tmp_path: Path, timeout: str) -> None:
+    (tmp_path / "array.json").write_text(
+        '{"version": 1, "name": "s", "alg": "alg_linear", "options": {},'
+        f' "nodes": [{{"uri": "file:///x.img", "timeout": {timeout}}}]}}'
+    )
+    with pytest.raises(ValueError, match="not a dstfs state file"):
+        state.load(tmp_path)
