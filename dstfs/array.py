@@ -275,7 +275,9 @@ class Array:
         recorded in the state dir first, so a failed write changes nothing.
         Returns the old backend, for the caller to close."""
         entries = list(self.entries)
-        entries[self.nodes.index(node)] = state.NodeEntry(uri=spec.to_text())
+        i = self.nodes.index(node)
+        # The node's settings (timeout) stay; a new target was never in sync.
+        entries[i] = attrs.evolve(entries[i], uri=spec.to_text(), serve=None, synced=None)
         self._save(self.config(entries=tuple(entries)))
         self.entries = entries
         old = node.replace_backend(backend)

@@ -13,15 +13,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dstfs"
 
-#: A cycle left to another part of issue 12 (algorithms/ is not ours to
-#: change here): algorithms.base.make_algorithm imports the package's
-#: ALGORITHMS table, and the package imports base and every algorithm.
-KNOWN_PACKAGE = "dstfs.algorithms"
-
-
-def known(cycle: set[str]) -> bool:
-    return all(m == KNOWN_PACKAGE or m.startswith(KNOWN_PACKAGE + ".") for m in cycle)
-
 
 def modules() -> dict[str, Path]:
     out = {}
@@ -123,8 +114,7 @@ def test_the_graph_sees_deferred_and_relative_imports() -> None:
 
 
 def test_no_import_cycles_between_dstfs_modules() -> None:
-    new = [c for c in cycles(import_graph()) if not known(c)]
-    assert new == []
+    assert cycles(import_graph()) == []
 
 
 def test_registry_and_defaults_live_outside_the_daemon() -> None:

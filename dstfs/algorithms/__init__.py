@@ -8,12 +8,25 @@ instead of parts: one extent per replica, each covering the whole range; the
 array writes all of them and reads one (see Algorithm.redundant).
 """
 
-from dstfs.algorithms.base import Algorithm, Extent, make_algorithm
+from collections.abc import Sequence
+
+from dstfs.algorithms.base import Algorithm, Extent
 from dstfs.algorithms.linear import Linear
 from dstfs.algorithms.mirror import DEFAULT_REGION, Mirror
 from dstfs.algorithms.stripe import DEFAULT_CHUNK, Stripe
 
-ALGORITHMS = {"alg_linear": Linear, "alg_stripe": Stripe, "alg_mirror": Mirror}
+ALGORITHMS: dict[str, type] = {"alg_linear": Linear, "alg_stripe": Stripe, "alg_mirror": Mirror}
+
+
+def make_algorithm(name: str, node_sizes: Sequence[int], **options: int) -> Algorithm:
+    """Build the algorithm `name` over nodes of `node_sizes` bytes."""
+    try:
+        cls = ALGORITHMS[name]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise ValueError(f"unknown algorithm {name!r} (known: {known})") from None
+    return cls(node_sizes, **options)
+
 
 __all__ = [
     "ALGORITHMS",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -64,15 +63,3 @@ class Algorithm(Protocol):
 def check_range(offset: int, length: int, size: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise ValueError(f"range {offset}+{length} outside the {size}-byte disk")
-
-
-def make_algorithm(name: str, node_sizes: Sequence[int], **options: int) -> Algorithm:
-    """Build the algorithm `name` over nodes of `node_sizes` bytes."""
-    from dstfs.algorithms import ALGORITHMS
-
-    try:
-        cls = ALGORITHMS[name]
-    except KeyError:
-        known = ", ".join(sorted(ALGORITHMS))
-        raise ValueError(f"unknown algorithm {name!r} (known: {known})") from None
-    return cls(node_sizes, **options)
