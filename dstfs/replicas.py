@@ -38,6 +38,7 @@ Rules (md raid1 and DRBD are the models):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -629,7 +630,7 @@ class ReplicaSet:
         idle and one while it is in use; every RESYNC_BATCH regions the
         replica is flushed and only then are their marks cleared. False when
         the replica or every source went away."""
-        queue = iter(todo)
+        queue = collections.deque(todo)
         failed = False
 
         async def settle() -> None:
@@ -645,15 +646,16 @@ class ReplicaSet:
 
         async def worker(number: int) -> None:
             nonlocal failed
-            while not failed:
+            # A paused worker ends once the queue is empty: while disk.img
+            # stays busy it would otherwise wait for ever, and the resync
+            # with it.
+            while not failed and queue:
                 # Take a region only when allowed to copy it now: a worker
                 # that waited holding one would hold up the resync's end.
                 if number and self._foreground_busy():
                     await trio.sleep(YIELD_SLEEP)
                     continue
-                region = next(queue, None)
-                if region is None:
-                    return
+                region = queue.popleft()
                 src = self._source(rep)
                 if failed or src is None or not rep.node.ready:
                     failed = True

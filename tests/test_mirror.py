@@ -429,3 +429,21 @@ async def test_a_mirror_built_at_run_time_and_rebuilt_after_remove_all(
     assert replicas["d"].data == replicas["c"].data
     await array.write(0, b"x")
     assert replicas["d"].data[0:1] == b"x"
+
+
+async def test_a_resync_ends_while_disk_img_stays_busy(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    array = await mount(nursery, replicas, tmp_path, ["a", "b"])
+    await settle(array)
+    replicas["b"].down = True
+    for r in (2, 5, 11):
+        await array.write(r * REGION, b"d" * 512)
+    rs = array.replicas
+    assert rs is not None and rs.dirty_of(array.nodes[1]) == 3
+    # Foreground I/O that never pauses: only the first worker copies, and
+    # the others, paused, must still end once every region is taken.
+    rs._foreground_busy = lambda: True  # type: ignore[method-assign]
+    replicas["b"].down = False
+    await settle(array, timeout=5)
+    assert replicas["b"].data == replicas["a"].data
