@@ -443,6 +443,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     _write(path, args.uri)
     if args.no_wait:
         return 0
+    if _control(args.mountpoint, node, "dirty").exists():
+        # A mirror's replica is replaced, not migrated: its migrate file
+        # stays `idle`; the full sync shows in its state.
+        return _follow_sync(args.mountpoint, node)
     last = ""
     while True:
         status = _read(path)
@@ -454,6 +458,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return 0
         if status.startswith("failed") or status == "idle":
             raise CliError(f"migration of {node}: {status}")
+        time.sleep(0.5)
+
+
+def _follow_sync(mountpoint: str, node: str) -> int:
+    """Show a replaced replica's state until it is in sync."""
+    path = _control(mountpoint, node, "state")
+    last = ""
+    while True:
+        status = _read(path)
+        if status != last:
+            sys.stdout.write(status + "\n")
+            sys.stdout.flush()
+            last = status
+        if status == "in_sync":
+            return 0
+        if status == "failed":
+            raise CliError(f"replacement of {node}: the new target failed (see the daemon log)")
         time.sleep(0.5)
 
 

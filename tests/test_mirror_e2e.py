@@ -361,8 +361,9 @@ def nonzero(path: Path, unit: int) -> int:
     return count * unit
 
 
+@pytest.mark.parametrize("how", ["control-file", "cli"])
 def test_a_dead_replica_replaced_by_an_empty_server_gets_only_data_and_ext4_stays_clean(
-    tmp_path: Path,
+    tmp_path: Path, how: str
 ) -> None:
     for tool in ("mkfs.ext4", "e2fsck"):
         need(tool)
@@ -391,9 +392,20 @@ def test_a_dead_replica_replaced_by_an_empty_server_gets_only_data_and_ext4_stay
             write_file("after-kill", MiB)
             wait_for(lambda: ctl(mnt, "degraded") == "1", "n-1 out of sync", 10)
             before = mstats(mnt)
-            assert ctl_write(mnt, "n-1", "migrate", value=s2.uri) == 0
-            write_file("while-syncing", MiB)
-            wait_in_sync(mnt)
+            if how == "cli":  # returns once the new replica is in sync
+                res = subprocess.run(
+                    [*DSTFS, "migrate", str(mnt), "n-1", s2.uri],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert res.returncode == 0, res.stderr
+                assert replica_states(mnt, 2) == ["in_sync", "in_sync"]
+                write_file("after-sync", MiB)
+            else:
+                assert ctl_write(mnt, "n-1", "migrate", value=s2.uri) == 0
+                write_file("while-syncing", MiB)
+                wait_in_sync(mnt)
             assert ctl(mnt, "n-1", "target") == s2.uri
             after = mstats(mnt)
             got = {n: hashlib.sha256((data / n).read_bytes()).hexdigest() for n in files}
