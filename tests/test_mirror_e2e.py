@@ -510,6 +510,20 @@ def test_check_counts_a_planted_difference_and_repair_fixes_it(tmp_path: Path) -
         assert run("check") == 0
         assert replica_states(mnt, 2) == ["in_sync", "in_sync"]
 
+        # The same through `dstfs verify`: exit 3 when a check finds a difference.
+        def verify(*flags: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [*DSTFS, "verify", *flags, str(mnt)], capture_output=True, text=True, timeout=120
+            )
+
+        plant(s1.path, 3 * MiB, 512)
+        res = verify()
+        assert res.returncode == 3 and "mismatched sectors" in res.stdout, res
+        assert verify("--repair").returncode == 0
+        res = verify()
+        assert res.returncode == 0 and "check: 0 mismatched sectors" in res.stdout, res
+        assert differ(s0.path, s1.path) == ""
+
 
 def test_a_version_1_state_dir_mounts_and_is_rewritten_as_version_2(tmp_path: Path) -> None:
     paths = [tmp_path / "a.img", tmp_path / "b.img"]
