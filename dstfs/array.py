@@ -32,6 +32,7 @@ from dstfs.algorithms.base import SECTOR
 from dstfs.backends.base import Backend, Buffer
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
+from dstfs.jobs import Jobs
 from dstfs.node import Node, render_counters
 from dstfs.replicas import ReplicaSet
 from dstfs.uri import NodeSpec, parse_node
@@ -119,6 +120,8 @@ class Array:
         #: See state.ArrayConfig.generation.
         self.generation = 0
         self.stats = ArrayStats()
+        #: Migrations, resyncs, verify: listed, cancelled at close.
+        self.jobs = Jobs(nursery)
         #: disk.img opens, kept by the FUSE layer (remove_all_nodes needs none).
         self.open_count = 0
         #: Called after the disk size changed (the FUSE layer drops its cache).
@@ -391,6 +394,7 @@ class Array:
     async def aclose(self, timeout: float = 30.0) -> None:
         """Flush and disconnect every node (bounded: a dead node cannot
         keep the daemon from exiting)."""
+        self.jobs.cancel_all()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(timeout) as scope:
                 try:

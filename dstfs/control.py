@@ -108,6 +108,7 @@ class ControlTree:
             "add_node": Attr(store=self._store_add_node),
             "remove_all_nodes": Attr(store=self._store_remove_all),
             "stats": Attr(show=self._show_stats),
+            "jobs": Attr(show=a.jobs.render),
         }
         if a.replicas is not None:
             rs = a.replicas

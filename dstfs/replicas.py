@@ -44,6 +44,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,7 @@ from dstfs.algorithms.base import SECTOR
 from dstfs.backends.base import Buffer
 from dstfs.bitmap import RegionBitmap
 from dstfs.interlock import RegionLock
+from dstfs.jobs import Job
 from dstfs.node import Node, NodeUnavailable, State
 
 if TYPE_CHECKING:
@@ -127,7 +129,7 @@ class ReplicaSet:
         self.sync_action = "idle"
         self.sync_done = 0
         self.sync_total = 0
-        self._verify_scope: trio.CancelScope | None = None
+        self._verify_job: Job | None = None
         self._fg_count = -1
         self._fg_time = 0.0
         self._turn = 0
@@ -238,7 +240,7 @@ class ReplicaSet:
                     "%s: out of sync, %d dirty regions to resync", rep.name, len(rep.bitmap)
                 )
                 self._maybe_resync(rep)
-        self.array.nursery.start_soon(self._cleaner)
+        self.array.jobs.start(f"{self.array.name}: bitmap cleaner", self._cleaner)
 
     def start_empty(self) -> None:
         """A mirror chosen at run time (`alg`), before it has nodes."""
@@ -584,13 +586,11 @@ class ReplicaSet:
             and self.replicas
         ):
             rep.resyncing = True
-            self.array.nursery.start_soon(self._resync, rep)
+            self.array.jobs.start(f"resync {rep.name}", partial(self._resync, rep))
 
     async def _resync(self, rep: Replica) -> None:
-        try:  # nothing may escape: this runs in the daemon's own nursery
+        try:
             await self._resync_inner(rep)
-        except Exception:
-            log.exception("%s: resync crashed", rep.name)
         finally:
             rep.resyncing = False
         if not rep.in_sync and rep.node.ready and rep in self.replicas:
@@ -697,46 +697,43 @@ class ReplicaSet:
     async def _cleaner(self) -> None:
         """Clear active regions idle for ACTIVE_IDLE s, after a flush of
         every in-sync replica has made their data durable."""
-        try:
-            while self._started:
-                await trio.sleep(CLEAN_EVERY)
-                active = self.active
-                if active is None or not len(active):
-                    continue
-                now = time.monotonic()
-                idle = [
-                    r
-                    for r in active
-                    if r not in self._active_count
-                    and now - self._active_last.get(r, 0.0) >= ACTIVE_IDLE
-                ]
-                if not idle:
-                    continue
-                started = time.monotonic()
-                try:
-                    await self.flush()
-                except OSError as e:
-                    log.warning("%s: flush before clearing the bitmap: %s", self.array.name, e)
-                    continue
-                done = [
-                    r
-                    for r in idle
-                    if r not in self._active_count and self._active_last.get(r, 0.0) < started
-                ]
-                active.clear(done)
-                for r in done:
-                    self._active_last.pop(r, None)
-                with contextlib.suppress(OSError):  # logged there; tried next round
-                    await active.flush()
-        except Exception:
-            log.exception("%s: bitmap cleaner crashed", self.array.name)
+        while self._started:
+            await trio.sleep(CLEAN_EVERY)
+            active = self.active
+            if active is None or not len(active):
+                continue
+            now = time.monotonic()
+            idle = [
+                r
+                for r in active
+                if r not in self._active_count
+                and now - self._active_last.get(r, 0.0) >= ACTIVE_IDLE
+            ]
+            if not idle:
+                continue
+            started = time.monotonic()
+            try:
+                await self.flush()
+            except OSError as e:
+                log.warning("%s: flush before clearing the bitmap: %s", self.array.name, e)
+                continue
+            done = [
+                r
+                for r in idle
+                if r not in self._active_count and self._active_last.get(r, 0.0) < started
+            ]
+            active.clear(done)
+            for r in done:
+                self._active_last.pop(r, None)
+            with contextlib.suppress(OSError):  # logged there; tried next round
+                await active.flush()
 
     # -- verify
 
     def start_verify(self, action: str) -> None:
         if action == "idle":
-            if self._verify_scope is not None:
-                self._verify_scope.cancel()
+            if self._verify_job is not None:
+                self._verify_job.cancel()
             return
         if self.sync_action != "idle":
             raise OSError(errno.EBUSY, f"{self.sync_action} is running")
@@ -746,30 +743,31 @@ class ReplicaSet:
         self.stats.mismatch_cnt = 0
         self.sync_done = 0
         self.sync_total = self.alg.size // SECTOR
-        self.array.nursery.start_soon(self._verify, action == "repair")
+        self._verify_job = self.array.jobs.start(
+            f"{self.array.name}: {action}", partial(self._verify, action == "repair")
+        )
 
     async def _verify(self, repair: bool) -> None:
         what = "repair" if repair else "check"
         log.warning("%s: %s started", self.array.name, what)
+        done = False
         try:
-            with trio.CancelScope() as self._verify_scope:
-                for region in range(self.alg.regions):
-                    while self._foreground_busy():
-                        await trio.sleep(YIELD_SLEEP)
-                    await self._verify_region(region, repair)
-                    offset = min((region + 1) * self.alg.region, self.alg.size)
-                    self.sync_done = offset // SECTOR
+            for region in range(self.alg.regions):
+                if self._foreground_busy():  # paced, never stopped, by foreground I/O
+                    await trio.sleep(YIELD_SLEEP)
+                await self._verify_region(region, repair)
+                offset = min((region + 1) * self.alg.region, self.alg.size)
+                self.sync_done = offset // SECTOR
+            done = True
+        finally:
             log.warning(
                 "%s: %s %s: %d mismatched sectors",
                 self.array.name,
                 what,
-                "cancelled" if self._verify_scope.cancelled_caught else "done",
+                "done" if done else "stopped",
                 self.stats.mismatch_cnt,
             )
-        except Exception:
-            log.exception("%s: %s crashed", self.array.name, what)
-        finally:
-            self._verify_scope = None
+            self._verify_job = None
             self.sync_action = "idle"
 
     async def _verify_region(self, region: int, repair: bool) -> None:

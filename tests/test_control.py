@@ -120,6 +120,7 @@ async def test_tree_has_the_designed_files_and_node_dirs_named_by_start(ctl: Ctl
         "add_node",
         "remove_all_nodes",
         "stats",
+        "jobs",
         "n-0",
         "n-800",
     }
@@ -137,6 +138,7 @@ async def test_modes_read_only_write_only_and_read_write(ctl: Ctl) -> None:
         "add_node": 0o200,
         "remove_all_nodes": 0o200,
         "stats": 0o444,
+        "jobs": 0o444,
     }
     node = {name: a.mode for name, a in tree["n-800"].items()}
     assert node == {
