@@ -4,6 +4,7 @@ server that knows no NBD_OPT_GO."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -120,7 +121,7 @@ async def test_request_errors_are_oserror_with_errno(tmp_path: Path) -> None:
             assert bytes(await ro.pread(0, 200)) == b"ok" * 100
 
 
-@pytest.mark.parametrize("name", ["EIO", "ENOSPC", "EPERM", "EINVAL", "ENOMEM", "ESHUTDOWN"])
+@pytest.mark.parametrize("name", ["EIO", "ENOSPC", "EPERM", "EINVAL", "ENOMEM"])
 async def test_nbdkit_injected_errors(name: str) -> None:
     with nbdkit_proc("--filter=error", "memory", "4M", f"error={name}", "error-rate=100%") as (
         uri,
@@ -351,6 +352,123 @@ async def test_aclose_sends_disc_after_requests_in_flight(
     assert any("client sent DISC" in m for m in messages), messages
     assert not any("protocol error" in m or "client gone" in m for m in messages), messages
     assert server.stats.protocol_errors == 0
+
+
+async def _shutting_down_server(listener: trio.SocketListener, seen: dict) -> None:
+    """One client: GO accepted; of two READs in flight the first is answered
+    NBD_ESHUTDOWN, the second with data; then every command is recorded."""
+    stream = await listener.accept()
+    buf = bytearray()
+
+    async def recv(n: int) -> bytes:
+        while len(buf) < n:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise EOFError
+            buf.extend(chunk)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    async with stream:
+        await stream.send_all(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+        await recv(4)
+        magic, opt, length = struct.unpack(">QII", await recv(16))
+        assert (magic, opt) == (IHAVEOPT, OPT_GO)
+        await recv(length)
+        info = struct.pack(">HQH", 0, 1 * MiB, 1 | 4)  # NBD_INFO_EXPORT
+        await stream.send_all(
+            struct.pack(">QIII", OPT_REPLY_MAGIC, OPT_GO, 3, len(info))  # NBD_REP_INFO
+            + info
+            + struct.pack(">QIII", OPT_REPLY_MAGIC, OPT_GO, 1, 0)  # NBD_REP_ACK
+        )
+        cookies = []
+        for _ in range(2):
+            _, _, cmd, cookie, _, _ = struct.unpack(">IHHQQI", await recv(28))
+            assert cmd == CMD_READ
+            cookies.append(cookie)
+        await stream.send_all(struct.pack(">IIQ", SIMPLE_MAGIC, errno.ESHUTDOWN, cookies[0]))
+        await seen["answer_second"].wait()
+        await stream.send_all(struct.pack(">IIQ", SIMPLE_MAGIC, 0, cookies[1]) + b"s" * 512)
+        seen["commands"] = []
+        with contextlib.suppress(EOFError):
+            while True:
+                _, _, cmd, _, _, _ = struct.unpack(">IHHQQI", await recv(28))
+                seen["commands"].append(cmd)
+
+
+async def test_eshutdown_reply_is_a_lost_connection_then_soft_disconnect() -> None:
+    """NBD_ESHUTDOWN: that request gets ConnectionLost (a node resends it
+    elsewhere), new ones are refused without being sent, the one in flight is
+    still answered, and only then the client sends NBD_CMD_DISC."""
+    seen: dict = {"answer_second": trio.Event()}
+    async with trio.open_nursery() as nursery:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(_shutting_down_server, listener, seen)
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(10):
+            async with open_client(f"nbd://127.0.0.1:{port}") as c:
+                results: dict[int, object] = {}
+
+                async def read(off: int) -> None:
+                    try:
+                        results[off] = bytes(await c.pread(off, 512))
+                    except OSError as e:
+                        results[off] = e
+
+                nursery.start_soon(read, 0)
+                await poll(lambda: c.in_flight == 1)
+                nursery.start_soon(read, 512)
+                await poll(lambda: 0 in results)
+                assert type(results[0]) is ConnectionLost, results
+                assert "NBD_ESHUTDOWN" in str(results[0])
+                assert c.shutting_down
+                with pytest.raises(ConnectionLost):
+                    await c.pwrite(0, b"not sent")
+                seen["answer_second"].set()
+                await poll(lambda: 512 in results)
+                assert results[512] == b"s" * 512
+                await poll(lambda: "commands" in seen and seen["commands"] == [CMD_DISC])
+    assert seen["commands"] == [CMD_DISC]  # the refused write never reached it
+
+
+async def test_nbdkit_injected_eshutdown_is_a_lost_connection(tmp_path: Path) -> None:
+    log = tmp_path / "nbdkit.log"
+    args = ["-v", "--filter=error", "memory", "4M", "error=ESHUTDOWN", "error-rate=100%"]
+    with log.open("wb") as err, nbdkit_proc(*args, stderr=err) as (uri, proc):
+        async with open_client(uri) as c:
+            with pytest.raises(ConnectionLost):
+                await c.pread(0, 4096)
+            with pytest.raises(ConnectionLost):
+                await c.pwrite(0, b"w" * 4096)
+            await poll(lambda: c.lost is not None)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+    assert "client sent NBD_CMD_DISC" in log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("n", [1, 8])
+async def test_nbdkit_sigterm_fails_requests_in_flight_as_lost(n: int) -> None:
+    """nbdkit answers the requests in flight with NBD_ESHUTDOWN on SIGTERM."""
+    with nbdkit_proc("--filter=delay", "memory", "4M", "rdelay=10") as (uri, proc):
+        with trio.fail_after(10):
+            async with open_client(uri) as c:
+                results: list[BaseException] = []
+
+                async def read(off: int) -> None:
+                    try:
+                        await c.pread(off, 4096)
+                    except BaseException as e:
+                        results.append(e)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(n):
+                        nursery.start_soon(read, i * 4096)
+                    await poll(lambda: c.in_flight == n)
+                    proc.send_signal(signal.SIGTERM)
+                assert len(results) == n
+                assert all(type(e) is ConnectionLost for e in results), results
+        assert proc.wait(5) == 0
 
 
 async def test_aclose_sends_disc_to_nbdkit(tmp_path: Path) -> None:

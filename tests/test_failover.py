@@ -7,15 +7,20 @@ every error is one request's and reaches the test as it happened.
 
 - Back within the node's timeout: no error reaches any writer, the node
   reconnects (stats) and is `online` again.
+- nbdkit stopped with SIGTERM answers NBD_ESHUTDOWN: the node reconnects
+  and resends, as for a killed server.
 - Away for longer than its timeout: `failed`, EIO for its range only while
   the other node's range goes on; back: `online`, and its range works again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 from pathlib import Path
 
+import trio
 from load import (
     RangeWriter,
     ctl,
@@ -27,7 +32,11 @@ from load import (
     writing,
 )
 from mounts import mounted
-from procs import DSTFS, free_port, stop, wait_port
+from procs import DSTFS, free_port, need, running, stop, wait_port
+
+from dstfs.backends.nbd import NbdBackend
+from dstfs.node import Node, State
+from dstfs.uri import parse_uri
 
 MiB = 1 << 20
 
@@ -83,3 +92,46 @@ def test_node_server_killed_and_restarted(tmp_path: Path) -> None:
             assert ctl(mnt, "n-0", "state") == "online"
             assert stats(mnt, "n-0")["reconnects"] >= 2
         assert verify_blocks(disk, [w0, w1]) == []
+
+
+async def test_node_reconnects_after_nbdkit_sigterm(tmp_path: Path) -> None:
+    """nbdkit answers the writes in flight with NBD_ESHUTDOWN on SIGTERM: the
+    node treats it as a lost connection, reconnects to the server started
+    again on its port and resends, so no write fails."""
+    exe = need("nbdkit")
+    image = tmp_path / "node.img"
+    image.write_bytes(bytes(4 * MiB))
+    port = free_port()
+    argv = [exe, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "file", str(image)]
+    n = 8
+    with running([*argv, "--filter=delay", "wdelay=10"], port) as first:
+        async with trio.open_nursery() as nursery:
+            spec = parse_uri(f"nbd://127.0.0.1:{port}")
+            backend = await NbdBackend.open(spec, nursery)
+            node = Node(spec, backend, backend.size, nursery)
+            client = backend._clients[0]
+            errors: list[BaseException] = []
+
+            async def write(i: int) -> None:
+                try:
+                    await node.write(i * 4096, bytes([i + 1]) * 4096)
+                except BaseException as e:
+                    errors.append(e)
+
+            with trio.fail_after(60), contextlib.ExitStack() as later:
+                async with trio.open_nursery() as writers:
+                    for i in range(n):
+                        writers.start_soon(write, i)
+                    while client.in_flight < n:
+                        await trio.sleep(0.005)
+                    first.send_signal(signal.SIGTERM)
+                    # Bounded: without a disconnect from the client nbdkit never exits.
+                    code = await trio.to_thread.run_sync(first.wait, abandon_on_cancel=True)
+                    assert code == 0
+                    assert node.state == State.RECONNECTING
+                    later.enter_context(running(argv, port))
+                assert errors == []
+                assert node.state == State.ONLINE and node.stats.reconnects >= 1
+                for i in range(n):
+                    assert bytes(await node.read(i * 4096, 4096)) == bytes([i + 1]) * 4096
+                await backend.aclose()

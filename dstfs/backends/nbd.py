@@ -5,7 +5,8 @@ Rules:
   each request goes to the connection with the fewest requests in flight, and
   a flush on one covers the writes acknowledged on all, as the spec promises.
 - A broken connection surfaces as `ConnectionLost`; `reconnect()` replaces
-  every connection. Retrying, back-off and timeouts are the node's job.
+  every connection (NBD_ESHUTDOWN from the server counts as a broken
+  connection). Retrying, back-off and timeouts are the node's job.
 - The reader tasks of the connections run in the nursery given at open.
 """
 
@@ -48,7 +49,10 @@ class NbdBackend:
         """(Re)open every connection; OSError if the server cannot be reached
         or no longer offers an export big enough."""
         for c in self._clients:
-            c.abort()
+            # One that the server is shutting down disconnects softly by
+            # itself, letting its requests in flight finish first.
+            if not c.shutting_down:
+                c.abort()
         self._clients = []
         first = await NbdClient.connect(self.spec, self.nursery)
         clients = [first]

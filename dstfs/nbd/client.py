@@ -10,6 +10,10 @@ Rules:
   connection fails every request in flight with `ConnectionLost`; whether to
   reconnect and resend is the node's business, not the client's.
 - `aclose()` sends NBD_CMD_DISC once no request is in flight, then closes.
+- NBD_ESHUTDOWN in a reply means the server is going away: that request
+  fails with `ConnectionLost` (resendable, like a killed server), no new
+  request is sent, and the client disconnects softly, as the spec requires:
+  it lets the requests in flight finish, then sends NBD_CMD_DISC.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ class NbdClient:
         self._next_cookie = 1
         self._closed = False
         self.lost: str | None = None
+        #: Set once the server answered NBD_ESHUTDOWN: the soft disconnect runs.
+        self.shutting_down = False
+        self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
 
@@ -107,6 +114,7 @@ class NbdClient:
             io.close()
             raise
         client = cls(io, conn, info, spec.uri)
+        client._nursery = nursery
         nursery.start_soon(client._reader)
         nursery.start_soon(client._sender)
         log.debug("%s: connected, size %d, flags %#x", spec.uri, info.size, info.flags)
@@ -138,7 +146,8 @@ class NbdClient:
         if self.lost is not None:
             raise ConnectionLost(f"{self.name}: {self.lost}")
         if self._closed:
-            raise ConnectionLost(f"{self.name}: client closed")
+            reason = "server is shutting down" if self.shutting_down else "client closed"
+            raise ConnectionLost(f"{self.name}: {reason}")
         cookie = self._next_cookie
         self._next_cookie = cookie + 1 if cookie < 0xFFFFFFFFFFFFFFFF else 1
         waiter = _Waiter()
@@ -203,6 +212,9 @@ class NbdClient:
         if self._closed:
             return
         self._closed = True
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         try:
             if self.lost is None:
                 with trio.move_on_after(5):
@@ -235,6 +247,18 @@ class NbdClient:
             # An Outcome unwraps once: each waiter gets its own.
             waiter.set(outcome.Error(ConnectionLost(f"{self.name}: {self.lost}")))
 
+    def _server_shutting_down(self) -> ConnectionLost:
+        """The server answered NBD_ESHUTDOWN: begin the soft disconnect once
+        (new requests are refused at once; those in flight may still be
+        answered), and give the request a resendable error."""
+        if not self._closed:
+            self.shutting_down = True
+            log.warning("%s: server is shutting down (NBD_ESHUTDOWN); disconnecting", self.name)
+            self._closed = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._disconnect)
+        return ConnectionLost(f"{self.name}: server is shutting down (NBD_ESHUTDOWN)")
+
     async def _reader(self) -> None:
         io = self.io
         conn = self.conn
@@ -251,6 +275,9 @@ class NbdClient:
                         continue
                     if ev.error:
                         err = P.nbd_to_errno(ev.error)
+                        if err == errno.ESHUTDOWN:
+                            waiter.set(outcome.Error(self._server_shutting_down()))
+                            continue
                         waiter.set(outcome.Error(OSError(err, f"{self.name}: {os.strerror(err)}")))
                     else:
                         waiter.set(outcome.Value(ev.data))
