@@ -29,9 +29,10 @@ import trio
 from dstfs import state
 from dstfs.algorithms import Algorithm, Extent, make_algorithm
 from dstfs.algorithms.base import SECTOR
-from dstfs.backends.base import Backend, Buffer
+from dstfs.backends.base import Backend
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
+from dstfs.iotypes import Buffer
 from dstfs.jobs import Jobs
 from dstfs.node import Node, render_counters
 from dstfs.replicas import ReplicaSet

@@ -32,7 +32,7 @@ import pyfuse3
 
 from dstfs.array import Array
 from dstfs.control import Attr, ControlError, ControlTree
-from dstfs.nbd.protocol import BufferPool
+from dstfs.iotypes import BufferPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

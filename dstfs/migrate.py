@@ -32,9 +32,10 @@ import trio
 
 from dstfs import sparse
 from dstfs.array import Array, open_backend
-from dstfs.backends.base import Backend, BackendFilter, Buffer, read_into
+from dstfs.backends.base import Backend, BackendFilter, read_into
 from dstfs.control import Attr, ControlError, Tree
 from dstfs.interlock import RegionLock
+from dstfs.iotypes import Buffer
 from dstfs.node import DEFAULT_TIMEOUT as DEFAULT_NODE_TIMEOUT
 from dstfs.node import Node
 from dstfs.uri import NodeSpec, parse_node

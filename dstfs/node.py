@@ -35,7 +35,8 @@ from typing import TypeVar
 import attrs
 import trio
 
-from dstfs.backends.base import Backend, Buffer, ConnectionLost, read_into
+from dstfs.backends.base import Backend, read_into
+from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.uri import NodeSpec
 
 log = logging.getLogger(__name__)

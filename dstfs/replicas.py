@@ -53,9 +53,9 @@ import trio
 
 from dstfs import sparse, state
 from dstfs.algorithms.base import SECTOR
-from dstfs.backends.base import Buffer
 from dstfs.bitmap import RegionBitmap
 from dstfs.interlock import RegionLock
+from dstfs.iotypes import Buffer
 from dstfs.jobs import Job
 from dstfs.node import Node, NodeUnavailable, State
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from dstfs.backends.base import Buffer
+from dstfs.iotypes import Buffer
 
 GRANULE = 64 << 10
 

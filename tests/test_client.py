@@ -19,8 +19,9 @@ import trio
 import trio.testing
 from procs import nbdkit_proc
 
-from dstfs.backends.base import BackendFilter, Buffer, ConnectionLost
+from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
+from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.nbd.client import NbdClient, NbdError, open_client
 from dstfs.nbd.server import Export, NbdServer
 

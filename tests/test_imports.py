@@ -121,3 +121,17 @@ def test_registry_and_defaults_live_outside_the_daemon() -> None:
     graph = import_graph()
     assert "dstfs.daemon" not in graph["dstfs.registry"] | graph["dstfs.defaults"]
     assert {"dstfs.registry", "dstfs.defaults"} <= graph["dstfs.commands"]
+
+
+def test_io_types_import_nothing_of_dstfs() -> None:
+    assert import_graph()["dstfs.iotypes"] == set()
+
+
+def test_nbd_and_backends_are_layered() -> None:
+    """The codec, the wire and the client sit below the backends (an
+    NbdBackend uses the client) and share the I/O types of dstfs.iotypes;
+    only the server, which serves a Backend, imports the backend interface."""
+    graph = import_graph()
+    for m in ("dstfs.nbd.protocol", "dstfs.nbd.sockio", "dstfs.nbd.client"):
+        assert not {d for d in graph[m] if d.startswith("dstfs.backends")}, m
+    assert graph["dstfs.nbd.protocol"] <= {"dstfs.iotypes"}

@@ -19,8 +19,8 @@ import trio
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
-from dstfs.backends.base import ConnectionLost
 from dstfs.bitmap import RegionBitmap
+from dstfs.iotypes import ConnectionLost
 from dstfs.node import NodeUnavailable
 
 KiB = 1024

@@ -25,8 +25,9 @@ import trio
 import trio.testing
 from procs import dstfs_server, rss_kib
 
-from dstfs.backends.base import BackendFilter, Buffer
+from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
+from dstfs.iotypes import Buffer
 from dstfs.nbd.client import NbdClient, open_client
 from dstfs.nbd.server import Export, NbdServer
 

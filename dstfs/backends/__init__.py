@@ -2,6 +2,6 @@
 files/devices and NBD connections, and wrapped by filters (statistics, error
 injection in tests) that pass through what they do not change."""
 
-from dstfs.backends.base import Backend, BackendFilter, ConnectionLost
+from dstfs.backends.base import Backend, BackendFilter
 
-__all__ = ["Backend", "BackendFilter", "ConnectionLost"]
+__all__ = ["Backend", "BackendFilter"]

@@ -4,7 +4,7 @@ Rules:
 - Offsets and lengths are bytes. Callers stay inside [0, size).
 - Failures are `OSError` with `errno` set, translated once here at the
   boundary (a backend never lets a raw exception of its transport escape).
-- `ConnectionLost` (an OSError) means the transport broke: the request may or
+- `ConnectionLost` (an OSError, in dstfs.iotypes) means the transport broke: the request may or
   may not have reached storage, and can be retried on a new connection. Any
   other OSError is the storage's answer to this request.
 - A filter wraps a backend and passes through everything it does not change,
@@ -13,18 +13,9 @@ Rules:
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-Buffer = bytes | bytearray | memoryview
-
-
-class ConnectionLost(OSError):
-    """The transport to the storage broke; the request can be resent."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ECONNRESET, message)
+from dstfs.iotypes import Buffer, scatter
 
 
 @runtime_checkable
@@ -56,28 +47,6 @@ async def read_into(backend: Backend, offset: int, views: list[memoryview]) -> N
         await direct(offset, views)
         return
     scatter(await backend.pread(offset, sum(len(v) for v in views)), views)
-
-
-def scatter(data: Buffer, views: list[memoryview]) -> None:
-    """Copy `data` across `views`, in order."""
-    mv = memoryview(data)
-    pos = 0
-    for v in views:
-        v[:] = mv[pos : pos + len(v)]
-        pos += len(v)
-
-
-async def write_zero_bytes(
-    pwrite: Callable[[int, Buffer], Awaitable[None]], offset: int, length: int
-) -> None:
-    """WRITE_ZEROES the slow way, for storage that cannot do it natively:
-    zeroes written 1 MiB at a time."""
-    zero = bytes(min(length, 1 << 20))
-    end = offset + length
-    while offset < end:
-        n = min(len(zero), end - offset)
-        await pwrite(offset, zero[:n])
-        offset += n
 
 
 class BackendFilter:

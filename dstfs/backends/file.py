@@ -24,8 +24,7 @@ import struct
 
 import trio
 
-from dstfs.backends.base import Buffer, write_zero_bytes
-from dstfs.nbd.sockio import FileSlice
+from dstfs.iotypes import Buffer, FileSlice, write_zero_bytes
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import logging
 
 import trio
 
-from dstfs.backends.base import Buffer, ConnectionLost
+from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.nbd import protocol as P
 from dstfs.nbd.client import NbdClient
 from dstfs.uri import NodeSpec

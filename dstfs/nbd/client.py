@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 import outcome
 import trio
 
-from dstfs.backends.base import Buffer, ConnectionLost, write_zero_bytes
+from dstfs.iotypes import Buffer, ConnectionLost, write_zero_bytes
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO, connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri

@@ -504,7 +504,7 @@ class _Decoder:
         self._pos = pos + n
         return out
 
-    #: Allocates payload buffers; a server may recycle them (see BufferPool).
+    #: Allocates payload buffers; a server may recycle them (see dstfs.iotypes.BufferPool).
     alloc: Callable[[int], bytearray] = bytearray
 
     def _start_payload(self, n: int) -> None:
@@ -529,30 +529,6 @@ class _Decoder:
         k = min(n, len(self._buf) - self._pos)
         self._pos += k
         self._discard = n - k
-
-
-class BufferPool:
-    """Recycles payload buffers of the sizes a client keeps sending, to skip
-    zero-filling a new bytearray for each. The owner gives a buffer back
-    only once nothing refers to it any more."""
-
-    def __init__(self, keep: int = 8, min_size: int = 64 * 1024) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self.keep = keep
-        self.min_size = min_size
-
-    def take(self, n: int) -> bytearray:
-        free = self._free.get(n)
-        if free:
-            return free.pop()
-        return bytearray(n)
-
-    def give(self, buf: bytearray) -> None:
-        n = len(buf)
-        if n >= self.min_size:
-            free = self._free.setdefault(n, [])
-            if len(free) < self.keep:
-                free.append(buf)
 
 
 class _Phase(enum.Enum):

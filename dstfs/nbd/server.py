@@ -28,8 +28,9 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from dstfs.backends.base import Backend, ConnectionLost
+from dstfs.backends.base import Backend
 from dstfs.backends.file import FileBackend
+from dstfs.iotypes import BufferPool, ConnectionLost
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
 
@@ -169,7 +170,7 @@ class _Session:
         self.server = server
         self.io = io
         self.conn = P.ServerConnection()
-        self.pool = P.BufferPool()
+        self.pool = BufferPool()
         self.conn.alloc = self.pool.take
         self.export: Export | None = None
         self.durable_slots = trio.Semaphore(MAX_DURABLE)

@@ -27,7 +27,7 @@ from typing import Protocol
 import outcome
 import trio
 
-from dstfs.backends.base import Buffer, ConnectionLost
+from dstfs.iotypes import Buffer, ConnectionLost, FileSlice
 
 _IOV_MAX = 1024
 #: Bytes queued for sending past which producers wait (memory stays bounded).
@@ -45,19 +45,6 @@ class Decoder(Protocol):
     def payload_buffers(self) -> list[memoryview] | None: ...
     def payload_received(self, n: int) -> None: ...
     def receive_data(self, data: memoryview) -> None: ...
-
-
-class FileSlice:
-    """Bytes of a file to send with sendfile(2), never copied through Python.
-    Queued like a buffer; a short file reads as zeroes past its end."""
-
-    __slots__ = ("count", "fd", "offset")
-
-    def __init__(self, fd: int, offset: int, count: int) -> None:
-        self.fd, self.offset, self.count = fd, offset, count
-
-    def __len__(self) -> int:
-        return self.count
 
 
 class SocketIO:
