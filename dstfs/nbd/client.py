@@ -29,7 +29,8 @@ import trio
 
 from dstfs.iotypes import Buffer, ConnectionLost, write_zero_bytes
 from dstfs.nbd import protocol as P
-from dstfs.nbd.sockio import HIGH_WATER, SocketIO, connect_tcp, connect_unix
+from dstfs.nbd.sockio import HIGH_WATER, SocketIO
+from dstfs.nbd.transport import connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,15 @@ class NbdClient:
             spec = parse_uri(spec)
         if spec.kind == "nbd+unix":
             assert spec.socket is not None
-            sock = await connect_unix(spec.socket)
+            transport = await connect_unix(spec.socket)
             peer = f"unix:{spec.socket}"
         elif spec.kind == "nbd":
             assert spec.host is not None and spec.port is not None
-            sock = await connect_tcp(spec.host, spec.port)
+            transport = await connect_tcp(spec.host, spec.port)
             peer = f"{spec.host}:{spec.port}"
         else:
             raise ValueError(f"{spec.uri}: not an NBD URI")
-        io = SocketIO(sock, peer)
+        io = SocketIO(transport, peer)
         try:
             conn, info = await _handshake(io, spec.export)
         except BaseException:

@@ -33,6 +33,7 @@ from dstfs.backends.file import FileBackend
 from dstfs.iotypes import BufferPool, ConnectionLost
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
+from dstfs.nbd.transport import SocketTransport
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class NbdServer:
                     peer = f"{peer[0]}:{peer[1]}"
                 else:
                     peer = f"unix:{peer or '?'}"
-                nursery.start_soon(self.handle, SocketIO(raw, peer))
+                nursery.start_soon(self.handle, SocketIO(SocketTransport(raw), peer))
 
     async def handle(self, io: SocketIO) -> None:
         """Serve one client until it disconnects; never raises for its sake."""

@@ -1,4 +1,5 @@
-"""Thin trio I/O over a non-blocking stdlib socket, for the NBD hot path.
+"""Thin trio I/O over a non-blocking transport (a plain socket, see
+nbd/transport.py), for the NBD hot path.
 
 Why not trio.SocketStream: each of its sends and receives is a full trip
 through the scheduler even when the kernel could take the bytes at once. Here
@@ -13,6 +14,9 @@ queue with `send_soon()` and one sender task sends whatever was queued in one
 sendmsg per scheduler round, so 32 requests that arrive together cost one
 system call and one wake-up of the peer instead of 32. The queue is bounded
 in bytes: `wait_room()` holds producers while it is over `HIGH_WATER`.
+- Nothing here assumes a raw socket: every byte goes through the
+  `Transport`; file slices go with sendfile(2) where the transport can, else
+  are read and sent as bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -28,6 +31,7 @@ import outcome
 import trio
 
 from dstfs.iotypes import Buffer, ConnectionLost, FileSlice
+from dstfs.nbd.transport import Transport
 
 _IOV_MAX = 1024
 #: Bytes queued for sending past which producers wait (memory stays bounded).
@@ -38,6 +42,8 @@ COALESCE_ROUNDS = 2
 
 #: A pending payload at least this big is received straight into its buffer.
 _DIRECT_MIN = 16 * 1024
+#: Bytes of a file read per send where the transport has no sendfile.
+_FILE_PIECE = 256 * 1024
 
 
 class Decoder(Protocol):
@@ -48,9 +54,8 @@ class Decoder(Protocol):
 
 
 class SocketIO:
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        sock.setblocking(False)
-        self.sock = sock
+    def __init__(self, transport: Transport, peer: str) -> None:
+        self.transport = transport
         self.peer = peer
         self._send_lock = trio.StrictFIFOLock()
         self.closed = False
@@ -144,19 +149,37 @@ class SocketIO:
 
     async def _sendfile(self, piece: FileSlice) -> None:
         offset, left = piece.offset, piece.count
-        out = self.sock.fileno()
+        transport = self.transport
+        if not transport.can_sendfile:
+            await self._send_file_bytes(piece)
+            return
         with self._sending("sendfile"):
             while left:
                 try:
-                    n = os.sendfile(out, piece.fd, offset, left)
+                    n = transport.sendfile(piece.fd, offset, left)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    await transport.wait_writable()
                     continue
                 if n == 0:  # past the end of a short file: zeroes
                     await self.send_all(bytes(left))
                     return
                 offset += n
                 left -= n
+
+    async def _send_file_bytes(self, piece: FileSlice) -> None:
+        """A file slice over a transport without sendfile: read and send it
+        in pieces; past the end of a short file, zeroes."""
+        offset, end = piece.offset, piece.offset + piece.count
+        while offset < end:
+            n = min(_FILE_PIECE, end - offset)
+            try:
+                data = os.pread(piece.fd, n, offset)
+            except OSError as e:
+                raise self._fail(f"file read failed: {os.strerror(e.errno or errno.EIO)}") from None
+            if not data:
+                data = bytes(n)
+            await self.send_all(data)
+            offset += len(data)
 
     @contextlib.contextmanager
     def _sending(self, what: str) -> Iterator[None]:
@@ -174,8 +197,7 @@ class SocketIO:
 
     def _close_for_readers(self) -> None:
         # The stream is unusable: make a reader blocked in recv notice now.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self.transport.shutdown()
 
     async def send_all(self, *bufs: Buffer) -> None:
         """Send every byte of `bufs`, in order, as one unit on the stream."""
@@ -187,9 +209,8 @@ class SocketIO:
         try:
             if self.broken is not None:
                 raise ConnectionLost(f"{self.peer}: {self.broken}")
-            sock = self.sock
             try:
-                sent = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX])
+                sent = self.transport.send(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX])
             except BlockingIOError:
                 sent = 0
             except OSError as e:
@@ -216,19 +237,19 @@ class SocketIO:
                 if sent:
                     views[0] = views[0][sent:]
                     sent = 0
-                await trio.lowlevel.wait_writable(self.sock)
+                await self.transport.wait_writable()
                 try:
-                    sent = self.sock.sendmsg(views[:_IOV_MAX])
+                    sent = self.transport.send(views[:_IOV_MAX])
                 except BlockingIOError:
                     sent = 0
 
     async def recvmsg_into(self, bufs: list[memoryview]) -> int:
         """Like recv_into, scattering over `bufs`."""
-        return await self._receive(lambda: self.sock.recvmsg_into(bufs)[0])
+        return await self._receive(lambda: self.transport.recvmsg_into(bufs))
 
     async def recv_into(self, buf: memoryview) -> int:
         """Receive at least one byte into `buf`; 0 means the peer closed."""
-        return await self._receive(lambda: self.sock.recv_into(buf))
+        return await self._receive(lambda: self.transport.recv_into(buf))
 
     async def _receive(self, attempt: Callable[[], int]) -> int:
         while True:
@@ -239,7 +260,7 @@ class SocketIO:
             except OSError as e:
                 raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
             try:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self.transport.wait_readable()
             except trio.ClosedResourceError:
                 raise ConnectionLost(f"{self.peer}: socket closed") from None
 
@@ -280,61 +301,4 @@ class SocketIO:
             if self._sender_parked:
                 self._sender_parked = False
                 trio.lowlevel.reschedule(self._sender, outcome.Error(ConnectionLost("closed")))
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-
-
-async def connect_tcp(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket with TCP_NODELAY."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last: OSError | None = None
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        try:
-            await _connect(sock, addr)
-        except OSError as e:
-            sock.close()
-            last = e
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        tune_tcp(sock)
-        return sock
-    raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
-
-
-#: A link that swallows our packets for this long counts as broken (the
-#: kernel's own default is about 15 minutes of retransmissions).
-USER_TIMEOUT_MS = 5000
-
-
-def tune_tcp(sock: socket.socket) -> None:
-    """No Nagle delay; notice a dead peer or a cut link within seconds, also
-    while we only wait for replies (keepalive probes count as unacked data)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
-
-
-async def connect_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await _connect(sock, path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _connect(sock: socket.socket, addr: object) -> None:
-    sock.setblocking(False)
-    err = sock.connect_ex(addr)
-    if err in (errno.EINPROGRESS, errno.EAGAIN):
-        await trio.lowlevel.wait_writable(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, f"connect to {addr}: {os.strerror(err)}")
+            self.transport.close()

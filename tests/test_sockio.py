@@ -1,0 +1,69 @@
+"""SocketIO over its transport, on a socketpair: what is queued arrives in
+order, file slices with sendfile(2) or, for a transport without it (TLS),
+read and sent as bytes, zeroes past the end of a short file."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from dstfs.iotypes import FileSlice
+from dstfs.nbd.sockio import SocketIO
+from dstfs.nbd.transport import SocketTransport
+
+
+class NoSendfile(SocketTransport):
+    can_sendfile = False
+
+    def sendfile(self, fd: int, offset: int, count: int) -> int:
+        raise AssertionError("sendfile on a transport that cannot")
+
+
+@pytest.mark.parametrize("transport", [SocketTransport, NoSendfile])
+async def test_queued_buffers_and_file_slices_arrive_in_order(
+    tmp_path: Path, transport: type[SocketTransport]
+) -> None:
+    content = os.urandom(700 * 1024)
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    a, b = socket.socketpair()
+    fd = os.open(path, os.O_RDONLY)
+    io = SocketIO(transport(a), "pair")
+    peer = SocketIO(SocketTransport(b), "peer")
+    try:
+        expected = (
+            b"head"
+            + content[1000 : 1000 + 600 * 1024]
+            + b"mid"
+            + content[-100:]
+            + bytes(5000)  # past the end of the file: zeroes
+            + b"tail"
+        )
+        got = bytearray()
+        done = trio.Event()
+
+        async def receive() -> None:
+            buf = memoryview(bytearray(65536))
+            while len(got) < len(expected):
+                n = await peer.recv_into(buf)
+                assert n
+                got.extend(buf[:n])
+            done.set()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                nursery.start_soon(io.run_sender)
+                io.send_soon(b"head", FileSlice(fd, 1000, 600 * 1024), b"mid")
+                io.send_soon(FileSlice(fd, len(content) - 100, 5100), b"tail")
+                await done.wait()
+                io.close()  # ends the sender
+        assert bytes(got) == expected
+        assert io.broken == "closed"
+    finally:
+        os.close(fd)
+        peer.close()
