@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dstfs.nbd.protocol import (
+    BASE_ALLOCATION,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
     ClientConnection,
@@ -44,14 +45,20 @@ from dstfs.nbd.protocol import (
     StructuredChunk,
     TransmissionFlag,
     apply_info,
+    decode_block_status_payload,
     decode_error_chunk_payload,
     decode_go_data,
+    decode_meta_context_query,
+    decode_rep_meta_context,
     decode_rep_server,
+    encode_block_status_payload,
     encode_error_chunk_payload,
     encode_go_data,
     encode_info_block_size,
     encode_info_export,
     encode_info_string,
+    encode_meta_context_query,
+    encode_rep_meta_context,
     encode_rep_server,
     errno_to_nbd,
     nbd_to_errno,
@@ -1158,3 +1165,131 @@ def test_read_into_views_must_add_up() -> None:
     client, _ = connected()
     with pytest.raises(ValueError, match="add up"):
         client.request(0, 1, 0, 100, into=[memoryview(bytearray(99))])
+
+
+# ------------------------------------------------------------ metadata contexts, block status
+
+# NBD_OPT_{LIST,SET}_META_CONTEXT data: 32-bit export name length, name,
+# 32-bit number of queries, each a 32-bit length and the query.
+META_QUERY_DISK = (
+    bytes.fromhex("00000004") + b"disk" + bytes.fromhex("00000001 0000000f") + (b"base:allocation")
+)
+META_QUERY_ALL = bytes.fromhex("00000000 00000000")  # default export, every context
+META_QUERY_TWO = (
+    bytes.fromhex("00000000 00000002 00000005")
+    + b"base:"
+    + bytes.fromhex("00000009")
+    + b"qemu:dirt"
+)
+# NBD_REP_META_CONTEXT: 32-bit context id, then the name.
+REP_META_BASE = bytes.fromhex("00000001") + b"base:allocation"
+# NBD_REPLY_TYPE_BLOCK_STATUS: 32-bit context id, then (32-bit length, 32-bit flags) each.
+BLOCK_STATUS_PAYLOAD = bytes.fromhex(
+    "00000001  00010000 00000000  00100000 00000003  00000200 00000002"
+)
+EXTENTS = [(0x10000, 0), (0x100000, 3), (0x200, 2)]
+
+
+@pytest.mark.parametrize(
+    ("data", "export", "queries"),
+    [
+        pytest.param(META_QUERY_DISK, "disk", [BASE_ALLOCATION], id="disk-base-allocation"),
+        pytest.param(META_QUERY_ALL, "", [], id="default-all"),
+        pytest.param(META_QUERY_TWO, "", ["base:", "qemu:dirt"], id="two-queries"),
+    ],
+)
+def test_meta_context_query_encodes_and_decodes(data: bytes, export: str, queries: list) -> None:
+    assert encode_meta_context_query(export, queries) == data
+    assert decode_meta_context_query(data) == (export, queries)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        bytes(7),
+        u32(5) + b"disk" + u32(0),  # name overruns
+        u32(0) + u32(1),  # one query announced, none there
+        u32(0) + u32(1) + u32(20) + b"base:allocation",  # query overruns
+        META_QUERY_DISK + b"x",  # trailing bytes
+    ],
+)
+def test_malformed_meta_context_query_is_a_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_meta_context_query(data)
+
+
+@pytest.mark.parametrize("optnum", [Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT])
+def test_meta_context_option_is_decoded_by_server(optnum: int) -> None:
+    check_decode(server_in_options, opt(optnum, META_QUERY_DISK), [Option(optnum, META_QUERY_DISK)])
+    assert opt(optnum, META_QUERY_DISK)[8:12] == u32(optnum)
+
+
+@pytest.mark.parametrize("optnum", [Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT])
+def test_meta_context_replies_are_encoded_and_decoded(optnum: int) -> None:
+    server = server_in_options()
+    wire = server.option_reply(
+        optnum, Rep.META_CONTEXT, encode_rep_meta_context(1, BASE_ALLOCATION)
+    )
+    wire += server.option_reply(optnum, Rep.ACK)
+    assert wire == rep(optnum, 4, REP_META_BASE) + rep(optnum, 1)
+
+    def make() -> ClientConnection:
+        client = client_in_options()
+        client.option(optnum, META_QUERY_DISK)
+        return client
+
+    check_decode(
+        make,
+        wire,
+        [OptionReply(optnum, Rep.META_CONTEXT, REP_META_BASE), OptionReply(optnum, 1, b"")],
+    )
+    assert decode_rep_meta_context(REP_META_BASE) == (1, BASE_ALLOCATION)
+
+
+@pytest.mark.parametrize("data", [b"", u32(1)])
+def test_malformed_rep_meta_context_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_rep_meta_context(data)
+
+
+def test_block_status_request_is_encoded_and_decoded() -> None:
+    wire = req(CmdFlag.REQ_ONE, Cmd.BLOCK_STATUS, 7, 4096, 1 << 20)
+    assert wire == bytes.fromhex("25609513 0008 0007 0000000000000007 0000000000001000 00100000")
+    client, _ = connected(structured=True)
+    assert client.request(Cmd.BLOCK_STATUS, 7, 4096, 1 << 20, CmdFlag.REQ_ONE) == wire
+    check_decode(transmitting_server, wire, [Request(8, Cmd.BLOCK_STATUS, 7, 4096, 1 << 20)])
+
+
+def test_block_status_payload_encodes_and_decodes() -> None:
+    assert encode_block_status_payload(1, EXTENTS) == BLOCK_STATUS_PAYLOAD
+    assert decode_block_status_payload(BLOCK_STATUS_PAYLOAD) == (1, EXTENTS)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", u32(1), u32(1) + u32(512), u32(1) + u32(0) + u32(0), BLOCK_STATUS_PAYLOAD + b"\0"],
+    ids=["empty", "no-extent", "half-extent", "zero-length", "trailing"],
+)
+def test_malformed_block_status_payload_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_block_status_payload(payload)
+
+
+def test_block_status_reply_is_one_final_chunk() -> None:
+    _, server = connected(structured=True)
+    wire = server.block_status_reply(7, 1, EXTENTS)
+    assert wire == chunk(1, 5, 7, BLOCK_STATUS_PAYLOAD)
+
+    def make() -> ClientConnection:
+        c, _ = connected(structured=True)
+        c.request(Cmd.BLOCK_STATUS, 7, 0, 0x110200)
+        return c
+
+    check_decode(make, wire, [StructuredChunk(1, ReplyType.BLOCK_STATUS, 7, BLOCK_STATUS_PAYLOAD)])
+
+
+def test_block_status_reply_needs_structured_replies() -> None:
+    _, server = connected()
+    with pytest.raises(RuntimeError):
+        server.block_status_reply(7, 1, EXTENTS)

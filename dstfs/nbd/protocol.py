@@ -1,5 +1,5 @@
 """Sans-I/O codec of the NBD protocol (fixed newstyle handshake, simple and
-structured replies).
+structured replies, metadata contexts and block status).
 
 Rules of this module:
 - Bytes in, events out; events in, bytes out. No sockets, no trio, no clocks.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -358,6 +358,78 @@ def apply_info(info: ExportInfo | None, data: bytes) -> ExportInfo | None:
     return info
 
 
+#: The one metadata context dstfs knows: allocation state per extent.
+BASE_ALLOCATION = "base:allocation"
+#: base:allocation flags of an extent (0: data, allocated).
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+_EXTENT = struct.Struct(">II")
+
+
+def encode_meta_context_query(export: str, queries: Sequence[str]) -> bytes:
+    """Data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+    raw = export.encode()
+    out = [_U32.pack(len(raw)), raw, _U32.pack(len(queries))]
+    for q in queries:
+        rq = q.encode()
+        out += [_U32.pack(len(rq)), rq]
+    return b"".join(out)
+
+
+def decode_meta_context_query(data: bytes) -> tuple[str, list[str]]:
+    """Parse LIST/SET_META_CONTEXT data; ValueError if malformed."""
+    if len(data) < 8:
+        raise ValueError("meta context option data too short")
+    (n,) = _U32.unpack_from(data, 0)
+    if n > MAX_STRING or n > len(data) - 8:
+        raise ValueError("export name length out of range")
+    export = bytes(data[4 : 4 + n]).decode("utf-8")
+    pos = 4 + n
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if len(data) - pos < 4:
+            raise ValueError("query list shorter than its count")
+        (k,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if k > MAX_STRING or k > len(data) - pos:
+            raise ValueError("query length out of range")
+        queries.append(bytes(data[pos : pos + k]).decode("utf-8"))
+        pos += k
+    if pos != len(data):
+        raise ValueError("trailing bytes after the query list")
+    return export, queries
+
+
+def encode_rep_meta_context(context_id: int, name: str) -> bytes:
+    return _U32.pack(context_id) + name.encode()
+
+
+def decode_rep_meta_context(data: bytes) -> tuple[int, str]:
+    if len(data) < 5:
+        raise ProtocolError("NBD_REP_META_CONTEXT too short")
+    (context_id,) = _U32.unpack_from(data, 0)
+    return context_id, bytes(data[4:]).decode(errors="replace")
+
+
+def encode_block_status_payload(context_id: int, extents: Sequence[tuple[int, int]]) -> bytes:
+    """Payload of an NBD_REPLY_TYPE_BLOCK_STATUS chunk: (length, flags) pairs."""
+    return _U32.pack(context_id) + b"".join(_EXTENT.pack(n, f) for n, f in extents)
+
+
+def decode_block_status_payload(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(context id, [(length, flags)]); ProtocolError if malformed (no
+    extent, a partial one, or one of length 0, which the spec forbids)."""
+    if len(payload) < 12 or (len(payload) - 4) % 8:
+        raise ProtocolError(f"block status chunk of {len(payload)} bytes")
+    (context_id,) = _U32.unpack_from(payload, 0)
+    extents = [_EXTENT.unpack_from(payload, pos) for pos in range(4, len(payload), 8)]
+    if any(n == 0 for n, _ in extents):
+        raise ProtocolError("block status extent of length 0")
+    return context_id, extents
+
+
 def encode_error_chunk_payload(error: int, message: str = "") -> bytes:
     raw = message.encode()[:MAX_STRING]
     return _ERROR_CHUNK.pack(error, len(raw)) + raw
@@ -671,6 +743,15 @@ class ServerConnection(_Decoder):
                 REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, cookie, 8 + length
             ) + _OFFSET.pack(offset)
         return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def block_status_reply(
+        self, cookie: int, context_id: int, extents: Sequence[tuple[int, int]]
+    ) -> bytes:
+        """The one, final BLOCK_STATUS chunk answering NBD_CMD_BLOCK_STATUS."""
+        payload = encode_block_status_payload(context_id, extents)
+        return self.chunk_header(REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)) + (
+            payload
+        )
 
     def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
         """A failed request's reply (an ERROR chunk if structured replies)."""
