@@ -1,6 +1,7 @@
 """The I/O types that the NBD codec, the wire (sockets) and the backends
 share: what a buffer is, what a lost transport is, a file range to send with
-sendfile(2), and a pool of recycled payload buffers.
+sendfile(2), a pool of recycled payload buffers, and the flags of a block
+status extent.
 
 Rules:
 - This module depends on nothing else in dstfs, so `dstfs.nbd` and
@@ -14,6 +15,11 @@ import errno
 from collections.abc import Awaitable, Callable
 
 Buffer = bytes | bytearray | memoryview
+
+#: Flags of a block status extent, as NBD's base:allocation has them: a hole
+#: (not allocated) and reading as zeroes. Data is 0.
+EXTENT_HOLE = 1 << 0
+EXTENT_ZERO = 1 << 1
 
 
 class ConnectionLost(OSError):

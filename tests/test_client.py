@@ -33,7 +33,7 @@ IHAVEOPT = 0x49484156454F5054
 OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_MAGIC = 0x67446698
-OPT_EXPORT_NAME, OPT_GO = 1, 7
+OPT_EXPORT_NAME, OPT_GO, OPT_LIST_META_CONTEXT = 1, 7, 9
 REP_ERR_UNSUP = 2**31 + 1
 CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 
@@ -259,7 +259,7 @@ async def test_go_unsupported_falls_back_to_export_name(offer_no_zeroes: bool) -
                 for off, data in reads.items():
                     assert data == content[off : off + 64 * KiB]
                 await c.trim(0, 4096)  # not advertised: a no-op, nothing sent
-    assert seen["options"] == [OPT_GO, OPT_EXPORT_NAME]
+    assert seen["options"] == [OPT_LIST_META_CONTEXT, OPT_GO, OPT_EXPORT_NAME]
     assert seen["name"] == "old"
     assert bool(seen["client_flags"] & 2) == offer_no_zeroes
     assert seen["disc"]
@@ -374,9 +374,13 @@ async def _shutting_down_server(listener: trio.SocketListener, seen: dict) -> No
     async with stream:
         await stream.send_all(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
         await recv(4)
-        magic, opt, length = struct.unpack(">QII", await recv(16))
-        assert (magic, opt) == (IHAVEOPT, OPT_GO)
-        await recv(length)
+        while True:  # anything before GO is unknown here
+            magic, opt, length = struct.unpack(">QII", await recv(16))
+            await recv(length)
+            if opt == OPT_GO:
+                break
+            await stream.send_all(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
+        assert magic == IHAVEOPT
         info = struct.pack(">HQH", 0, 1 * MiB, 1 | 4)  # NBD_INFO_EXPORT
         await stream.send_all(
             struct.pack(">QIII", OPT_REPLY_MAGIC, OPT_GO, 3, len(info))  # NBD_REP_INFO

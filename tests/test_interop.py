@@ -6,6 +6,7 @@ Missing programs skip (a failure under DSTFS_REQUIRE_ALL=1)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -17,7 +18,10 @@ import pytest
 import trio
 from procs import dstfs_server, free_port, nbdkit, need, running, wait_listening, wait_unix
 
+from dstfs.backends import nbd as nbd_backend
+from dstfs.backends.nbd import NbdBackend
 from dstfs.nbd.client import open_client
+from dstfs.uri import parse_uri
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -189,7 +193,8 @@ def _sparse(path: Path) -> Path:
 def qemu_nbd_tcp(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
     exe = need("qemu-nbd")
     path, port = _sparse(tmp_path / "qemu.img"), free_port()
-    argv = [exe, "-f", "raw", "--persistent", "-b", "127.0.0.1", "-p", str(port), str(path)]
+    argv = [exe, "-f", "raw", "--persistent", "-e", "2", "-b", "127.0.0.1", "-p", str(port)]
+    argv.append(str(path))
     with running(argv, port):
         yield f"nbd://127.0.0.1:{port}", path
 
@@ -198,7 +203,7 @@ def qemu_nbd_tcp(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
 def qemu_nbd_unix(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
     exe = need("qemu-nbd")
     path, sock = _sparse(tmp_path / "qemu.img"), tmp_path / "qemu.sock"
-    argv = [exe, "-f", "raw", "--persistent", "-x", "vol", "-k", str(sock), str(path)]
+    argv = [exe, "-f", "raw", "--persistent", "-e", "2", "-x", "vol", "-k", str(sock), str(path)]
     with running(argv) as proc:
         wait_unix(sock, proc)
         yield f"nbd+unix:///vol?socket={sock}", path
@@ -275,3 +280,117 @@ async def test_dstfs_client_against(kind: str, tmp_path: Path) -> None:
                 assert bytes(await c.pread(0, 3 * slot)) == want[: 3 * slot]
         if backing is not None:
             assert backing.read_bytes() == want
+
+
+# ---------------------------------------------------------------- block status (base:allocation)
+
+#: Written ranges (offset, length): data; [HOLE_AT, HOLE_AT + MiB) stays a hole.
+DATA_RANGES = [(1 * MiB, 128 * 1024), (6 * MiB, 4096)]
+HOLE_AT = 3 * MiB
+
+
+def _sparse_with_data(path: Path, size: int = 8 * MiB) -> Path:
+    _sparse(path)
+    os.truncate(path, size)
+    with path.open("r+b") as f:
+        for offset, length in DATA_RANGES:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
+
+
+def test_nbdinfo_map_of_dstfs_serve_shows_holes_and_data(tmp_path: Path) -> None:
+    need("nbdinfo")
+    path = _sparse_with_data(tmp_path / "sparse.img")
+    with dstfs_server(path) as (uri, _):
+        out = run("nbdinfo", "--map", "--json", uri)
+    extents = json.loads(out)
+    assert sum(e["length"] for e in extents) == 8 * MiB
+    data = [(e["offset"], e["length"]) for e in extents if e["type"] == 0]
+    assert data == DATA_RANGES, extents
+    assert all(e["type"] == 3 for e in extents if e["type"] != 0), extents
+
+
+def _covers(extents: list[tuple[int, int]], offset: int, length: int, pred) -> bool:
+    """Whether every byte of [offset, offset+length) lies in an extent (from
+    0) whose flags satisfy `pred`."""
+    pos = 0
+    for n, flags in extents:
+        if pos < offset + length and pos + n > offset and not pred(flags):
+            return False
+        pos += n
+    return pos >= offset + length
+
+
+async def _block_map(backend: NbdBackend) -> list[tuple[int, int]]:
+    """The whole export's extents, asking again from where each answer ended."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < backend.size:
+        got = await backend.block_status(pos, backend.size - pos)
+        assert got and all(n > 0 for n, _ in got)
+        extents += got
+        pos += sum(n for n, _ in got)
+    assert pos == backend.size
+    return extents
+
+
+@contextlib.contextmanager
+def dstfs_serve_node(tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    path = tmp_path / "served.img"
+    _sparse(path)
+    with dstfs_server(path) as (uri, _):
+        yield uri, path
+
+
+@pytest.mark.parametrize("kind", ["dstfs-serve", *SERVERS])
+async def test_client_block_status_against(kind: str, tmp_path: Path) -> None:
+    """base:allocation through NbdBackend: data where it was written, zeroes
+    where nothing was; nbd-server offers no metadata context: no capability."""
+    make = dstfs_serve_node if kind == "dstfs-serve" else SERVERS[kind]
+    with make(tmp_path) as (uri, _), trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend = await NbdBackend.open(parse_uri(uri), nursery)
+            try:
+                for offset, length in DATA_RANGES:
+                    await backend.pwrite(offset, os.urandom(length))
+                await backend.flush()
+                if kind == "nbd-server":
+                    assert backend.can_block_status is False
+                    with pytest.raises(OSError) as e:
+                        await backend.block_status(0, 4096)
+                    assert e.value.errno == errno.EOPNOTSUPP
+                    return
+                assert backend.can_block_status is True
+                extents = await _block_map(backend)
+                for offset, length in DATA_RANGES:
+                    assert _covers(extents, offset, length, lambda f: not f & 1), extents
+                assert _covers(extents, HOLE_AT, MiB, lambda f: f & 2), extents
+                # A range in the middle starts at its offset.
+                first = await backend.block_status(HOLE_AT + 512, 4096)
+                assert first and first[0][1] & 2 and sum(n for n, _ in first) <= 4096
+            finally:
+                await backend.aclose()
+
+
+async def test_block_status_against_a_one_client_server_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu-nbd takes one client by default: the block status connection is
+    never answered; the caller gets EOPNOTSUPP within the bound, and the
+    backend stops offering it."""
+    exe = need("qemu-nbd")
+    monkeypatch.setattr(nbd_backend, "STATUS_OPEN_TIMEOUT", 1.0)
+    path, port = _sparse(tmp_path / "qemu.img"), free_port()
+    argv = [exe, "-f", "raw", "--persistent", "-b", "127.0.0.1", "-p", str(port), str(path)]
+    with running(argv), trio.fail_after(20):
+        await trio.to_thread.run_sync(wait_listening, port)
+        async with trio.open_nursery() as nursery:
+            backend = await NbdBackend.open(parse_uri(f"nbd://127.0.0.1:{port}"), nursery)
+            assert backend.can_block_status
+            with pytest.raises(OSError) as e:
+                await backend.block_status(0, 4096)
+            assert e.value.errno == errno.EOPNOTSUPP
+            assert not backend.can_block_status
+            assert bytes(await backend.pread(0, 512)) == bytes(512)  # data path unharmed
+            await backend.aclose()

@@ -557,7 +557,7 @@ async def test_bad_option_magic(srv: Srv) -> None:
         assert await r.until_closed() == b""
 
 
-@pytest.mark.parametrize("opt", [OPT_STARTTLS, 9, 10, 11, 4, 99, 0xFFFFFFFF])
+@pytest.mark.parametrize("opt", [OPT_STARTTLS, 11, 4, 99, 0xFFFFFFFF])
 async def test_unknown_option_then_go(srv: Srv, opt: int) -> None:
     async with bystander(srv):
         r = await Raw.connect(srv.port)
@@ -840,3 +840,102 @@ def test_unread_replies_do_not_grow_server_memory(tmp_path: Path) -> None:
             assert grown < 40 * 1024, f"RSS grew by {grown // 1024} MiB"
         _blocking_read_ok(port)  # and it serves others after that client left
         assert proc.poll() is None
+
+
+# ---------------------------------------------------------------- metadata contexts, block status
+
+OPT_STRUCTURED, OPT_LIST_META, OPT_SET_META = 8, 9, 10
+REP_META_CONTEXT = 4
+CMD_BLOCK_STATUS = 7
+STRUCTURED_MAGIC = 0x668E33EF
+
+
+def meta_query(export: str, *queries: str) -> bytes:
+    out = struct.pack(">I", len(export)) + export.encode() + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q)) + q.encode()
+    return out
+
+
+async def meta_replies(r: Raw, opt: int) -> list[tuple[int, bytes]]:
+    out = [await r.opt_reply(opt)]
+    while out[-1][0] == REP_META_CONTEXT:
+        out.append(await r.opt_reply(opt))
+    return out
+
+
+async def chunk(r: Raw) -> tuple[int, int, int, bytes]:
+    """One structured reply chunk: (flags, type, cookie, payload)."""
+    magic, flags, type_, cookie, n = struct.unpack(">IHHQI", await r.recv(20))
+    assert magic == STRUCTURED_MAGIC, hex(magic)
+    return flags, type_, cookie, await r.recv(n)
+
+
+@pytest.mark.parametrize(
+    ("queries", "listed"),
+    [((), True), (("base:",), True), (("base:allocation",), True), (("qemu:dirty",), False)],
+)
+async def test_list_meta_context(srv: Srv, queries: tuple, listed: bool) -> None:
+    r = await Raw.connect(srv.port)
+    await r.greet()
+    await r.option(OPT_LIST_META, meta_query("", *queries))
+    replies = await meta_replies(r, OPT_LIST_META)
+    assert replies[-1] == (REP_ACK, b"")
+    names = [payload[4:] for rep, payload in replies[:-1]]
+    assert names == ([b"base:allocation"] if listed else [])
+
+
+@pytest.mark.parametrize(
+    ("structured", "data", "rep"),
+    [
+        (False, meta_query("", "base:allocation"), REP_ERR_INVALID),  # needs structured replies
+        (True, b"garbage", REP_ERR_INVALID),
+        (True, meta_query("nope", "base:allocation"), 0x80000006),  # ERR_UNKNOWN
+    ],
+)
+async def test_set_meta_context_refused_then_go(
+    srv: Srv, structured: bool, data: bytes, rep: int
+) -> None:
+    r = await Raw.connect(srv.port)
+    await r.greet()
+    if structured:
+        await r.option(OPT_STRUCTURED)
+        assert await r.opt_reply(OPT_STRUCTURED) == (REP_ACK, b"")
+    await r.option(OPT_SET_META, data)
+    assert (await r.opt_reply(OPT_SET_META))[0] == rep
+    assert (await r.go())["size"] == SIZE
+
+
+async def test_block_status_of_a_sparse_file(srv: Srv) -> None:
+    """Holes are HOLE|ZERO (3), data 0; REQ_ONE gives one extent; without a
+    selected context, or past the end, EINVAL (as an error chunk)."""
+    async with open_client(srv.uri) as c:
+        await c.pwrite(1 * MiB, b"d" * 65536)
+        await c.flush()
+    r = await Raw.connect(srv.port)
+    await r.greet()
+    await r.option(OPT_STRUCTURED)
+    assert await r.opt_reply(OPT_STRUCTURED) == (REP_ACK, b"")
+    await r.option(OPT_SET_META, meta_query("", "base:allocation"))
+    replies = await meta_replies(r, OPT_SET_META)
+    assert [rep for rep, _ in replies] == [REP_META_CONTEXT, REP_ACK]
+    (context,) = struct.unpack_from(">I", replies[0][1])
+    assert replies[0][1][4:] == b"base:allocation"
+    await r.go()
+    await r.request(CMD_BLOCK_STATUS, 1, 0, 4 * MiB)
+    flags, type_, cookie, payload = await chunk(r)
+    assert (flags, type_, cookie) == (1, 5, 1)
+    assert struct.unpack_from(">I", payload)[0] == context
+    extents = [struct.unpack_from(">II", payload, i) for i in range(4, len(payload), 8)]
+    assert extents == [(1 * MiB, 3), (65536, 0), (3 * MiB - 65536, 3)]
+    await r.request(CMD_BLOCK_STATUS, 2, 512, 4 * MiB, flags=8)  # REQ_ONE
+    assert (await chunk(r))[3] == struct.pack(">III", context, 1 * MiB - 512, 3)
+    await r.request(CMD_BLOCK_STATUS, 3, SIZE - 512, 1024)
+    flags, type_, cookie, payload = await chunk(r)
+    assert (type_, cookie) == (0x8001, 3) and struct.unpack_from(">I", payload)[0] == 22
+
+
+async def test_block_status_without_a_context_is_einval(srv: Srv) -> None:
+    r = await srv.raw()
+    assert await r.call(CMD_BLOCK_STATUS, 0, 4096) == (22, b"")
+    assert await r.call(CMD_READ, 0, 512) == (0, bytes(512))

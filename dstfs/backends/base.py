@@ -38,6 +38,13 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
+    #: Whether `block_status(offset, length) -> list[(length, flags)]` is
+    #: offered: extents from `offset` covering at least a prefix of the
+    #: range, flags as dstfs.iotypes.EXTENT_* (0 is data). A backend that
+    #: learns only later that its storage cannot (a server without
+    #: base:allocation) sets it False then and raises EOPNOTSUPP.
+    can_block_status: bool
+
 
 async def read_into(backend: Backend, offset: int, views: list[memoryview]) -> None:
     """Read into `views` in order: in place where the backend offers
@@ -81,6 +88,13 @@ class BackendFilter:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    @property
+    def can_block_status(self) -> bool:
+        return self.inner.can_block_status
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.inner.block_status(offset, length)  # type: ignore[attr-defined]
 
     def file_slice(self, offset: int, length: int) -> None:
         # Reads through a filter must pass its pread: no zero-copy shortcut

@@ -8,6 +8,7 @@ Rules:
 - TRIM punches a hole (fallocate PUNCH_HOLE) in regular files; on block
   devices it is a no-op (TRIM is advisory). WRITE_ZEROES punches a hole
   unless the caller forbids it, then writes zeroes.
+- Block status comes from SEEK_DATA/SEEK_HOLE, inline (no data is read).
 - OSError leaves here with its errno; nothing else does.
 """
 
@@ -24,13 +25,15 @@ import struct
 
 import trio
 
-from dstfs.iotypes import Buffer, FileSlice, write_zero_bytes
+from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO, Buffer, FileSlice, write_zero_bytes
 
 log = logging.getLogger(__name__)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
+#: Extents one block_status call reports at most (a prefix of the range).
+MAX_EXTENTS = 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -129,6 +132,44 @@ class FileBackend:
         if self.is_block or self.fd < 0:
             return None
         return FileSlice(self.fd, offset, length)
+
+    can_block_status = True
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, flags) extents from `offset`, covering at least a prefix
+        of `length` bytes: holes (SEEK_HOLE/SEEK_DATA) are HOLE|ZERO, the rest
+        data (0). A block device, or a file system without SEEK_DATA, is all
+        data; past the end of a short file is a hole."""
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return []
+        if self.is_block:
+            return [(end - offset, 0)]
+        return self._extents(offset, end)
+
+    def _extents(self, offset: int, end: int) -> list[tuple[int, int]]:
+        hole = EXTENT_HOLE | EXTENT_ZERO
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end and len(out) < MAX_EXTENTS:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data from here to the end of the file
+                    out.append((end - pos, hole))
+                    break
+                if e.errno == errno.EINVAL:  # no SEEK_DATA here: say "data"
+                    out.append((end - pos, 0))
+                    break
+                raise
+            if data > pos:
+                out.append((min(data, end) - pos, hole))
+                pos = min(data, end)
+                continue
+            next_hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append((next_hole - pos, 0))
+            pos = next_hole
+        return out
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         if self.read_only:

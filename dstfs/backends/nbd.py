@@ -8,6 +8,11 @@ Rules:
   every connection (NBD_ESHUTDOWN from the server counts as a broken
   connection). Retrying, back-off and timeouts are the node's job.
 - The reader tasks of the connections run in the nursery given at open.
+- Block status (`can_block_status` when the server lists base:allocation)
+  goes over one more connection, opened at the first `block_status()` call
+  and again after it broke: the data connections keep simple replies. A
+  server that does not accept that connection in STATUS_OPEN_TIMEOUT (one
+  client at a time) loses the capability (EOPNOTSUPP).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from dstfs.uri import NodeSpec
 
 log = logging.getLogger(__name__)
 
+#: Seconds the block status connection may take to open: a server that takes
+#: one client at a time (qemu-nbd's default) never answers it.
+STATUS_OPEN_TIMEOUT = 10.0
+
 
 class NbdBackend:
     def __init__(
@@ -36,6 +45,9 @@ class NbdBackend:
         self.min_size = min_size
         self._clients: list[NbdClient] = []
         self._size = 0
+        self._offered = False
+        self._status: NbdClient | None = None
+        self._status_lock = trio.Lock()
 
     @classmethod
     async def open(
@@ -48,6 +60,7 @@ class NbdBackend:
     async def reconnect(self) -> None:
         """(Re)open every connection; OSError if the server cannot be reached
         or no longer offers an export big enough."""
+        self._drop_status()
         for c in self._clients:
             # One that the server is shutting down disconnects softly by
             # itself, letting its requests in flight finish first.
@@ -71,10 +84,44 @@ class NbdBackend:
             raise
         self._size = first.size
         self._clients = clients
+        self._offered = first.block_status_offered
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def can_block_status(self) -> bool:
+        return self._offered
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if not self._offered:
+            raise OSError(errno.EOPNOTSUPP, f"{self.name}: the server offers no base:allocation")
+        async with self._status_lock:
+            client = self._status
+            if client is None or client.lost is not None:
+                client = await self._open_status()
+                if client.meta_id is None:
+                    client.abort()
+                    self._offered = False
+                    raise OSError(errno.EOPNOTSUPP, f"{self.name}: base:allocation refused")
+                self._status = client
+        return await client.block_status(offset, length)
+
+    async def _open_status(self) -> NbdClient:
+        with trio.move_on_after(STATUS_OPEN_TIMEOUT):
+            return await NbdClient.connect(self.spec, self.nursery, block_status=True)
+        # Such a server (qemu-nbd without --shared) will not take it later either.
+        self._offered = False
+        log.warning("%s: no second connection for block status; not asking again", self.name)
+        raise OSError(
+            errno.EOPNOTSUPP, f"{self.name}: block status connection not accepted in time"
+        )
+
+    def _drop_status(self) -> None:
+        if self._status is not None:
+            self._status.abort()
+            self._status = None
 
     @property
     def read_only(self) -> bool:
@@ -107,11 +154,13 @@ class NbdBackend:
         await self._pick().write_zeroes(offset, length, may_trim)
 
     async def aclose(self) -> None:
+        self._drop_status()
         clients, self._clients = self._clients, []
         for c in clients:
             await c.aclose()
 
     def abort(self) -> None:
+        self._drop_status()
         clients, self._clients = self._clients, []
         for c in clients:
             c.abort()

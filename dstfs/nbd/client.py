@@ -3,7 +3,12 @@
 Rules:
 - Handshake: fixed newstyle; NBD_OPT_GO (asking for BLOCK_SIZE), falling back
   to NBD_OPT_EXPORT_NAME when the server does not know GO. Simple replies
-  only: they cost the fewest bytes per read.
+  only: they cost the fewest bytes per read. Before GO, LIST_META_CONTEXT
+  asks whether the export offers `base:allocation` (`block_status_offered`).
+- Block status needs structured replies, so it has a connection of its own
+  (`connect(..., block_status=True)`: STRUCTURED_REPLY and SET_META_CONTEXT
+  base:allocation), used for NBD_CMD_BLOCK_STATUS only: the data path keeps
+  its simple replies.
 - Requests are pipelined and matched to replies by cookie; one reader task
   per connection wakes each waiting caller.
 - A per-request error from the server is an OSError with its errno. A broken
@@ -34,6 +39,9 @@ from dstfs.nbd.transport import connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
+
+#: Bytes one NBD_CMD_BLOCK_STATUS asks about at most (its length is 32 bits).
+MAX_BLOCK_STATUS = 1 << 31
 
 
 class NbdError(OSError):
@@ -85,6 +93,11 @@ class NbdClient:
         self._next_cookie = 1
         self._closed = False
         self.lost: str | None = None
+        #: The server lists base:allocation for the export.
+        self.block_status_offered = False
+        #: The id of base:allocation, when this connection selected it.
+        self.meta_id: int | None = None
+        self._chunks: dict[int, list[tuple[int, int]] | OSError] = {}
         #: Set once the server answered NBD_ESHUTDOWN: the soft disconnect runs.
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
@@ -94,8 +107,11 @@ class NbdClient:
     # -- setup
 
     @classmethod
-    async def connect(cls, spec: NodeSpec | str, nursery: trio.Nursery) -> NbdClient:
-        """Connect, negotiate, and start the reader in `nursery`."""
+    async def connect(
+        cls, spec: NodeSpec | str, nursery: trio.Nursery, block_status: bool = False
+    ) -> NbdClient:
+        """Connect, negotiate, and start the reader in `nursery`. With
+        `block_status`, a connection for NBD_CMD_BLOCK_STATUS only."""
         if isinstance(spec, str):
             spec = parse_uri(spec)
         if spec.kind == "nbd+unix":
@@ -110,11 +126,13 @@ class NbdClient:
             raise ValueError(f"{spec.uri}: not an NBD URI")
         io = SocketIO(transport, peer)
         try:
-            conn, info = await _handshake(io, spec.export)
+            conn, info, meta = await _handshake(io, spec.export, block_status)
         except BaseException:
             io.close()
             raise
         client = cls(io, conn, info, spec.uri)
+        client.block_status_offered = meta is not None
+        client.meta_id = meta if block_status else None
         client._nursery = nursery
         nursery.start_soon(client._reader)
         nursery.start_soon(client._sender)
@@ -208,6 +226,26 @@ class NbdClient:
         else:
             await write_zero_bytes(self.pwrite, offset, length)
 
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, flags) from `offset`, covering a
+        prefix of `length` bytes (clipped to the export and to 2 GiB);
+        EOPNOTSUPP unless this connection selected base:allocation."""
+        if self.meta_id is None:
+            raise OSError(errno.EOPNOTSUPP, f"{self.name}: no base:allocation on this connection")
+        length = min(length, self.size - offset, MAX_BLOCK_STATUS)
+        if length <= 0:
+            return []
+        extents: list[tuple[int, int]] = await self._request(  # type: ignore[assignment]
+            P.Cmd.BLOCK_STATUS, offset, length
+        )
+        out, left = [], length
+        for n, flags in extents:
+            if left <= 0:
+                break
+            out.append((min(n, left), flags))
+            left -= n
+        return out
+
     async def aclose(self) -> None:
         """Wait for requests in flight, send NBD_CMD_DISC, close."""
         if self._closed:
@@ -260,6 +298,40 @@ class NbdClient:
             self._nursery.start_soon(self._disconnect)
         return ConnectionLost(f"{self.name}: server is shutting down (NBD_ESHUTDOWN)")
 
+    def _chunk(self, ev: P.StructuredChunk) -> None:
+        """One structured reply chunk (block status connections only)."""
+        got = self._chunks.get(ev.cookie)
+        if ev.type == P.ReplyType.BLOCK_STATUS:
+            context, extents = P.decode_block_status_payload(ev.payload)
+            if context != self.meta_id:
+                raise P.ProtocolError(f"block status for context {context} that was not selected")
+            if got is None:
+                self._chunks[ev.cookie] = extents
+            elif isinstance(got, list):
+                got.extend(extents)
+        elif P.reply_type_is_error(ev.type):
+            error, message = P.decode_error_chunk_payload(ev.payload)
+            err = P.nbd_to_errno(error)
+            if err == errno.ESHUTDOWN:
+                self._chunks[ev.cookie] = self._server_shutting_down()
+            else:
+                self._chunks[ev.cookie] = OSError(
+                    err, f"{self.name}: {message or os.strerror(err)}"
+                )
+        elif ev.type != P.ReplyType.NONE:
+            raise P.ProtocolError(f"unexpected reply chunk type {ev.type}")
+        if ev.flags & P.REPLY_FLAG_DONE:
+            result = self._chunks.pop(ev.cookie, None)
+            waiter = self._pending.get(ev.cookie)
+            if waiter is None:
+                log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+            elif isinstance(result, OSError):
+                waiter.set(outcome.Error(result))
+            elif not result:
+                waiter.set(outcome.Error(P.ProtocolError("block status reply without extents")))
+            else:
+                waiter.set(outcome.Value(result))
+
     async def _reader(self) -> None:
         io = self.io
         conn = self.conn
@@ -268,6 +340,9 @@ class NbdClient:
             while True:
                 await io.fill(conn)
                 while (ev := conn.next_event()) is not None:
+                    if type(ev) is P.StructuredChunk and self.meta_id is not None:
+                        self._chunk(ev)
+                        continue
                     if type(ev) is not P.SimpleReply:
                         raise P.ProtocolError(f"unexpected {type(ev).__name__} from server")
                     waiter = pending.get(ev.cookie)
@@ -299,7 +374,45 @@ async def _recv_event(io: SocketIO, conn: P.ClientConnection) -> object:
     return ev
 
 
-async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.ExportInfo]:
+async def _option(
+    io: SocketIO, conn: P.ClientConnection, opt: int, data: bytes
+) -> list[P.OptionReply]:
+    """Send one option; its replies up to and including the final one."""
+    await io.send_all(conn.option(opt, data))
+    replies = []
+    while True:
+        ev = await _recv_event(io, conn)
+        assert isinstance(ev, P.OptionReply)
+        replies.append(ev)
+        if ev.rep not in (P.Rep.SERVER, P.Rep.INFO, P.Rep.META_CONTEXT):
+            return replies
+
+
+async def _base_allocation(
+    io: SocketIO, conn: P.ClientConnection, export: str, select: bool
+) -> int | None:
+    """The id the server gives base:allocation (LIST, or with `select`
+    STRUCTURED_REPLY then SET), or None where it offers none."""
+    if select:
+        replies = await _option(io, conn, P.Opt.STRUCTURED_REPLY, b"")
+        if replies[-1].rep != P.Rep.ACK:
+            return None
+    opt = P.Opt.SET_META_CONTEXT if select else P.Opt.LIST_META_CONTEXT
+    query = P.encode_meta_context_query(export, [P.BASE_ALLOCATION])
+    replies = await _option(io, conn, opt, query)
+    if replies[-1].rep != P.Rep.ACK:
+        return None
+    for r in replies[:-1]:
+        if r.rep == P.Rep.META_CONTEXT:
+            context, name = P.decode_rep_meta_context(r.data)
+            if name == P.BASE_ALLOCATION:
+                return context
+    return None
+
+
+async def _handshake(
+    io: SocketIO, export: str, block_status: bool = False
+) -> tuple[P.ClientConnection, P.ExportInfo, int | None]:
     conn = P.ClientConnection()
     greeting = await _recv_event(io, conn)
     assert isinstance(greeting, P.ServerGreeting)
@@ -309,6 +422,7 @@ async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.E
     if greeting.flags & P.HandshakeFlag.NO_ZEROES:
         flags |= P.ClientFlag.NO_ZEROES
     await io.send_all(conn.client_flags_message(flags))
+    meta = await _base_allocation(io, conn, export, block_status)
     await io.send_all(conn.option(P.Opt.GO, P.encode_go_data(export, (P.Info.BLOCK_SIZE,))))
     info: P.ExportInfo | None = None
     while True:
@@ -319,7 +433,7 @@ async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.E
         elif ev.rep == P.Rep.ACK:
             if info is None or info.size < 0:
                 raise P.ProtocolError("server accepted GO without NBD_INFO_EXPORT")
-            return conn, info
+            return conn, info, meta
         elif ev.rep == P.Rep.ERR_UNSUP:
             break  # an old server: fall back to EXPORT_NAME
         else:
@@ -333,7 +447,7 @@ async def _handshake(io: SocketIO, export: str) -> tuple[P.ClientConnection, P.E
     await io.send_all(conn.option(P.Opt.EXPORT_NAME, export.encode()))
     ev = await _recv_event(io, conn)
     assert isinstance(ev, P.ExportNameReply)
-    return conn, P.ExportInfo(size=ev.size, flags=ev.flags)
+    return conn, P.ExportInfo(size=ev.size, flags=ev.flags), meta
 
 
 @asynccontextmanager

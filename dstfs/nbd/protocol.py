@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO
+
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPTION_REPLY_MAGIC = 0x3E889045565A9
@@ -361,8 +363,8 @@ def apply_info(info: ExportInfo | None, data: bytes) -> ExportInfo | None:
 #: The one metadata context dstfs knows: allocation state per extent.
 BASE_ALLOCATION = "base:allocation"
 #: base:allocation flags of an extent (0: data, allocated).
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
+STATE_HOLE = EXTENT_HOLE
+STATE_ZERO = EXTENT_ZERO
 _EXTENT = struct.Struct(">II")
 
 

@@ -2,8 +2,12 @@
 
 Rules:
 - Fixed newstyle only. Options: EXPORT_NAME, ABORT, LIST, INFO, GO (with
-  NBD_INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY; every
-  other option gets NBD_REP_ERR_UNSUP and the handshake goes on.
+  NBD_INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY,
+  LIST_META_CONTEXT and SET_META_CONTEXT; every other option gets
+  NBD_REP_ERR_UNSUP and the handshake goes on.
+- The one metadata context is `base:allocation`, offered for a backend that
+  can report block status (a file: SEEK_DATA/SEEK_HOLE); NBD_CMD_BLOCK_STATUS
+  is answered with one final BLOCK_STATUS chunk covering a prefix of the range.
 - Requests are served in order as they are decoded, so a connection buffers
   at most one request (<= MAX_PAYLOAD) however fast the client sends; FLUSH
   and FUA writes, which wait on the disk, run as their own tasks so reads
@@ -41,6 +45,8 @@ PREFERRED_BLOCK = 4096
 #: FLUSH and FUA requests waiting on the disk at once, per connection; past
 #: it the reader stops reading, so a client cannot pile them up.
 MAX_DURABLE = 16
+#: The id this server gives the base:allocation metadata context.
+BASE_ALLOCATION_ID = 1
 
 
 @attrs.define
@@ -175,6 +181,9 @@ class _Session:
         self.conn.alloc = self.pool.take
         self.export: Export | None = None
         self.durable_slots = trio.Semaphore(MAX_DURABLE)
+        #: The export SET_META_CONTEXT named, and the base:allocation id it selected.
+        self.meta_export: str | None = None
+        self.meta_id: int | None = None
 
     async def run(self) -> None:
         await self.io.send_all(self.conn.greeting())
@@ -239,6 +248,8 @@ class _Session:
             await self._reply(opt, P.Rep.ACK)
         elif opt in (P.Opt.INFO, P.Opt.GO):
             await self._info(opt, data)
+        elif opt in (P.Opt.LIST_META_CONTEXT, P.Opt.SET_META_CONTEXT):
+            await self._meta_context(opt, data)
         elif opt == P.Opt.STRUCTURED_REPLY:
             if data:
                 await self._reply(opt, P.Rep.ERR_INVALID, b"STRUCTURED_REPLY takes no data")
@@ -249,6 +260,34 @@ class _Session:
         else:
             log.info("%s: option %d not supported", peer, opt)
             await self._reply(opt, P.Rep.ERR_UNSUP)
+
+    async def _meta_context(self, opt: int, data: bytes) -> None:
+        """LIST answers which contexts match the queries (all with none);
+        SET selects the matching ones for the export GO will name."""
+        selecting = opt == P.Opt.SET_META_CONTEXT
+        if selecting and not self.conn.structured_replies:
+            await self._reply(opt, P.Rep.ERR_INVALID, b"negotiate structured replies first")
+            return
+        try:
+            name, queries = P.decode_meta_context_query(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            await self._reply(opt, P.Rep.ERR_INVALID, str(e).encode())
+            return
+        export = self.server.find(name)
+        if export is None:
+            await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return
+        if selecting:
+            self.meta_export, self.meta_id = name, None
+            wanted = P.BASE_ALLOCATION in queries
+        else:  # LIST: no query lists everything; "base:" a whole namespace
+            wanted = not queries or any(q in ("base:", P.BASE_ALLOCATION) for q in queries)
+        if wanted and export.backend.can_block_status:
+            reply = P.encode_rep_meta_context(BASE_ALLOCATION_ID, P.BASE_ALLOCATION)
+            await self._reply(opt, P.Rep.META_CONTEXT, reply)
+            if selecting:
+                self.meta_id = BASE_ALLOCATION_ID
+        await self._reply(opt, P.Rep.ACK)
 
     async def _info(self, opt: int, data: bytes) -> None:
         try:
@@ -272,6 +311,8 @@ class _Session:
             )
         if opt == P.Opt.GO:
             self.export = export
+            if self.meta_export != name:  # contexts selected for another export
+                self.meta_id = None
         await self._reply(opt, P.Rep.ACK)
 
     # -- transmission
@@ -299,9 +340,9 @@ class _Session:
             log.info("%s: client sent DISC", self.io.peer)
             return False
         size = export.backend.size
-        if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE):
+        if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE, C.BLOCK_STATUS):
             if req.offset + req.length > size:
-                err = errno.EINVAL if cmd in (C.READ, C.CACHE) else errno.ENOSPC
+                err = errno.EINVAL if cmd in (C.READ, C.CACHE, C.BLOCK_STATUS) else errno.ENOSPC
                 self._error(req, err, f"request past the end of the {size}-byte export")
                 return True
             if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):
@@ -339,6 +380,12 @@ class _Session:
                 )
             elif cmd == C.CACHE:
                 pass
+            elif cmd == C.BLOCK_STATUS:
+                extents = await self._extents(req)
+                if extents is not None:
+                    reply = self.conn.block_status_reply(req.cookie, BASE_ALLOCATION_ID, extents)
+                    self.io.send_soon(reply)
+                return True
             else:
                 self._error(req, errno.EINVAL, f"unknown command {cmd}")
                 return True
@@ -352,6 +399,28 @@ class _Session:
             return True
         self.io.send_soon(self.conn.simple_reply_header(req.cookie))
         return True
+
+    async def _extents(self, req: P.Request) -> list[tuple[int, int]] | None:
+        """The extents to report, or None after an error reply was queued."""
+        if self.meta_id is None:
+            self._error(req, errno.EINVAL, "no metadata context was selected")
+            return None
+        if req.length == 0:
+            self._error(req, errno.EINVAL, "block status of 0 bytes")
+            return None
+        assert self.export is not None
+        extents = await self.export.backend.block_status(req.offset, req.length)
+        # A prefix of the range, never past it; REQ_ONE: one extent.
+        out, left = [], req.length
+        for n, flags in extents[:1] if req.flags & P.CmdFlag.REQ_ONE else extents:
+            if left <= 0:
+                break
+            out.append((min(n, left), flags))
+            left -= n
+        if not out:
+            self._error(req, errno.EIO, "no block status for the range")
+            return None
+        return out
 
     async def _start_durable(self, req: P.Request) -> None:
         await self.durable_slots.acquire()
