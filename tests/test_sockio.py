@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from dstfs.iotypes import FileSlice
 from dstfs.nbd.sockio import SocketIO
@@ -67,3 +68,22 @@ async def test_queued_buffers_and_file_slices_arrive_in_order(
     finally:
         os.close(fd)
         peer.close()
+
+
+async def test_send_soon_after_the_parked_sender_was_cancelled() -> None:
+    """The sender parks when nothing is queued; cancelled there, a send_soon
+    before it ran again must not reschedule it a second time (that crashed
+    the whole server when a client's DISC ended its session while a FLUSH
+    reply was being queued)."""
+    a, b = socket.socketpair()
+    io = SocketIO(SocketTransport(a), "pair")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(io.run_sender)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+            io.send_soon(b"late")  # before the sender has run again
+        assert io.queued == 4  # queued, not sent, and nothing crashed
+    finally:
+        io.close()
+        b.close()

@@ -8,8 +8,8 @@ Rules of this module:
   way round. Each tracks the phase (handshake, options, transmission) so the
   caller cannot decode a message in the wrong phase.
 - Decoders never buffer without bound: option data over `MAX_OPTION_DATA` and
-  write payloads over `MAX_PAYLOAD` are reported and then discarded as they
-  stream past, never stored.
+  write payloads over `MAX_PAYLOAD` are discarded as they stream past, never
+  stored (a too big WRITE is reported once its payload has gone past).
 - A violation of the protocol raises `ProtocolError`; the caller must drop
   the connection (the spec allows a hard disconnect for it).
 - Payloads (READ replies on the client, WRITE requests on the server) are
@@ -633,6 +633,7 @@ class ServerConnection(_Decoder):
         self.client_flags = 0
         self.structured_replies = False
         self._request: tuple[int, int, int, int, int] | None = None
+        self._too_big: Request | None = None
 
     def greeting(self) -> bytes:
         return _GREETING.pack(NBDMAGIC, IHAVEOPT, self.handshake_flags)
@@ -681,6 +682,11 @@ class ServerConnection(_Decoder):
         return self._next_option()
 
     def _next_request(self) -> Request | None:
+        if self._too_big is not None:
+            if self._discard:
+                return None
+            ev, self._too_big = self._too_big, None
+            return ev
         if self._request is not None:
             data = self._payload_done()
             if data is None:
@@ -696,8 +702,12 @@ class ServerConnection(_Decoder):
             raise ProtocolError(f"bad request magic {magic:#x}")
         if cmd == Cmd.WRITE:
             if length > MAX_PAYLOAD:
+                # Reported once its payload has streamed past: a reply sent
+                # earlier reaches a client still sending it (libnbd then
+                # drops the connection).
                 self._start_discard(length)
-                return Request(flags, cmd, cookie, offset, length, None)
+                self._too_big = Request(flags, cmd, cookie, offset, length, None)
+                return self._next_request()
             self._request = (flags, cmd, cookie, offset, length)
             self._start_payload(length)
             return self._next_request()
@@ -739,8 +749,11 @@ class ServerConnection(_Decoder):
 
     def read_data_header(self, cookie: int, offset: int, length: int) -> bytes:
         """Header before `length` bytes of READ data, in whichever reply
-        style was negotiated (one final OFFSET_DATA chunk if structured)."""
+        style was negotiated (one final OFFSET_DATA chunk if structured;
+        for 0 bytes a final NONE chunk, as a data chunk has at least 1)."""
         if self.structured_replies:
+            if not length:
+                return self.chunk_header(REPLY_FLAG_DONE, ReplyType.NONE, cookie, 0)
             return self.chunk_header(
                 REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, cookie, 8 + length
             ) + _OFFSET.pack(offset)

@@ -11,9 +11,11 @@ Rules:
 - Requests are served in order as they are decoded, so a connection buffers
   at most one request (<= MAX_PAYLOAD) however fast the client sends; FLUSH
   and FUA writes, which wait on the disk, run as their own tasks so reads
-  and writes behind them go on. Replies may thus leave out of order.
-- A request the server will not do (past the end, too big, on a read-only
-  export, unknown command) gets an NBD error reply; a protocol violation
+  and writes behind them go on. Replies may thus leave out of order. On
+  NBD_CMD_DISC every reply still owed is sent before the connection closes.
+- A request the server will not do (past the end: ENOSPC for WRITE, EINVAL
+  otherwise; too big; flags not valid for the command; on a read-only
+  export; unknown command) gets an NBD error reply; a protocol violation
   (bad magic, unknown client flags) drops that connection only. The server
   never crashes for a client, and keeps serving the others.
 - CAN_MULTI_CONN is advertised: every connection shares one file descriptor,
@@ -45,6 +47,14 @@ PREFERRED_BLOCK = 4096
 #: FLUSH and FUA requests waiting on the disk at once, per connection; past
 #: it the reader stops reading, so a client cannot pile them up.
 MAX_DURABLE = 16
+#: Seconds a session that got DISC waits for the replies it still owes.
+DISC_GRACE = 60.0
+#: Request flags valid per command (FUA is valid on all, as the spec says;
+#: DF and FAST_ZERO are not advertised, so never valid).
+_FLAGS = {
+    P.Cmd.WRITE_ZEROES: P.CmdFlag.FUA | P.CmdFlag.NO_HOLE,
+    P.Cmd.BLOCK_STATUS: P.CmdFlag.FUA | P.CmdFlag.REQ_ONE,
+}
 #: The id this server gives the base:allocation metadata context.
 BASE_ALLOCATION_ID = 1
 
@@ -193,7 +203,11 @@ class _Session:
             nursery.start_soon(self.io.run_sender)
             try:
                 await self._loop()
-                await self.io.flush()  # replies queued before the client's DISC
+                # The client's DISC: first every reply still owed (FLUSH, FUA).
+                with trio.move_on_after(DISC_GRACE):
+                    for _ in range(MAX_DURABLE):
+                        await self.durable_slots.acquire()
+                await self.io.flush()
             except _Disconnect:
                 pass
             except (P.ProtocolError, OSError) as e:
@@ -340,9 +354,12 @@ class _Session:
             log.info("%s: client sent DISC", self.io.peer)
             return False
         size = export.backend.size
+        if req.flags & ~_FLAGS.get(cmd, P.CmdFlag.FUA):
+            self._error(req, errno.EINVAL, f"flags {req.flags:#x} not valid for command {cmd}")
+            return True
         if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE, C.BLOCK_STATUS):
             if req.offset + req.length > size:
-                err = errno.EINVAL if cmd in (C.READ, C.CACHE, C.BLOCK_STATUS) else errno.ENOSPC
+                err = errno.ENOSPC if cmd == C.WRITE else errno.EINVAL
                 self._error(req, err, f"request past the end of the {size}-byte export")
                 return True
             if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):

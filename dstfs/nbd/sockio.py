@@ -108,9 +108,7 @@ class SocketIO:
                     if self.broken is not None:
                         return
                     self._sender_parked = True
-                    await trio.lowlevel.wait_task_rescheduled(
-                        lambda _: trio.lowlevel.Abort.SUCCEEDED
-                    )
+                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
                     continue
                 # Let the tasks that are ready now queue theirs too: one send
                 # for a burst of requests costs far less than one each.
@@ -133,6 +131,12 @@ class SocketIO:
         finally:
             self._sender_parked = False
             self._sender = None
+
+    def _unpark(self, _: object) -> trio.lowlevel.Abort:
+        # Cancelled while parked: no send_soon may reschedule it any more
+        # (a second reschedule of a task crashes the run loop).
+        self._sender_parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _send_mixed(self, items: list[Buffer | FileSlice]) -> None:
         run: list[Buffer] = []
