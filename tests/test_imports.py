@@ -132,6 +132,6 @@ def test_nbd_and_backends_are_layered() -> None:
     NbdBackend uses the client) and share the I/O types of dstfs.iotypes;
     only the server, which serves a Backend, imports the backend interface."""
     graph = import_graph()
-    for m in ("dstfs.nbd.protocol", "dstfs.nbd.sockio", "dstfs.nbd.client"):
+    for m in ("dstfs.nbd.protocol", "dstfs.nbd.sockio", "dstfs.nbd.transport", "dstfs.nbd.client"):
         assert not {d for d in graph[m] if d.startswith("dstfs.backends")}, m
     assert graph["dstfs.nbd.protocol"] <= {"dstfs.iotypes"}
