@@ -236,7 +236,12 @@ class Migration:
                 await filt.claim(index)
                 try:
                     try:
-                        data = await self.node.read(offset, length)  # old target, via the gate
+                        if self.node.can_block_status and await sparse.reads_as_zeroes(
+                            self.node.block_status, offset, length
+                        ):
+                            data: Buffer | None = sparse.zeros(length)  # a hole: not read
+                        else:
+                            data = await self.node.read(offset, length)  # old target, gated
                     except OSError as e:
                         filt.fail(f"read from the old target failed: {e.strerror or e}")
                         return

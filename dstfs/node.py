@@ -236,6 +236,16 @@ class Node:
     async def trim(self, offset: int, length: int) -> None:
         await self._call("trim", offset, length, lambda b: b.trim(offset, length))
 
+    @property
+    def can_block_status(self) -> bool:
+        return self.backend.can_block_status
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, flags) extents from `offset` (dstfs.iotypes EXTENT_*)."""
+        return await self._call(
+            "block_status", offset, length, lambda b: b.block_status(offset, length)
+        )
+
     async def write_zeroes(self, offset: int, length: int) -> None:
         await self._call("write_zeroes", offset, length, lambda b: b.write_zeroes(offset, length))
         self.stats.writes += 1

@@ -554,8 +554,14 @@ class ReplicaSet:
             return True
         await self.lock.claim(region)
         try:
-            data = await src.node.read(offset, length)
-            assert data is not None
+            if src.node.can_block_status and await sparse.reads_as_zeroes(
+                src.node.block_status, offset, length
+            ):
+                data: Buffer = sparse.zeros(length)  # a hole: not even read
+            else:
+                got = await src.node.read(offset, length)
+                assert got is not None
+                data = got
             try:
                 view = memoryview(data)
                 for off, n, zero in sparse.runs(data):  # zeroes: no bytes sent

@@ -20,7 +20,7 @@ import trio
 from dstfs import state
 from dstfs.array import Array, ArrayError
 from dstfs.bitmap import RegionBitmap
-from dstfs.iotypes import ConnectionLost
+from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO, ConnectionLost
 from dstfs.node import NodeUnavailable
 
 KiB = 1024
@@ -45,11 +45,22 @@ class Replica:
         self.writes: list[tuple[int, int]] = []
         self.zeroes: list[tuple[int, int]] = []
         self.flushes = 0
+        self.status_calls = 0
         self.hold: trio.Event | None = None  # writes wait on it while set
+
+    #: Answers block status, as SEEK_HOLE would: zeroes are a hole.
+    can_block_status = True
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        await trio.sleep(0)
+        self._up()
+        self.status_calls += 1
+        zero = self.data[offset : offset + length] == bytes(length)
+        return [(length, EXTENT_HOLE | EXTENT_ZERO if zero else 0)]
 
     def _hit(self, offset: int, length: int) -> bool:
         if self.bad_range is None:
@@ -177,6 +188,9 @@ async def test_a_new_mirror_syncs_its_second_replica_sending_no_zeroes(
     assert array.replicas is not None
     assert array.replicas.stats.resync_bytes == REGION
     assert states(array) == ["in_sync", "in_sync"]
+    # Block status said the other regions were holes: only one was read.
+    assert replicas["a"].reads == 1
+    assert replicas["a"].status_calls == SIZE // REGION
 
 
 async def test_writes_reach_every_replica_and_reads_are_balanced(
