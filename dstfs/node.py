@@ -3,7 +3,7 @@
 Rules:
 - Every request passes the gate. The gate is open while the node is online;
   it closes while the node is suspended or reconnecting, and requests wait
-  there in arrival order. A failed node (lost for longer than its timeout)
+  there. A failed node (lost for longer than its timeout)
   answers EIO at once until it is back.
 - A request that meets a broken connection is not failed: the node starts
   one reconnect job (back-off 50 ms doubling to 2 s), and the request waits
@@ -11,7 +11,9 @@ Rules:
   idempotent, so resending one that may have landed is safe.
 - Any other OSError is the storage's answer and goes to the caller.
 - `suspend()` closes the gate and returns once the requests already past it
-  have drained; `resume()` reopens it and the waiters proceed in order.
+  have drained; `resume()` reopens it and the waiters proceed together, in
+  no promised order (trio wakes them as one batch): like any requests in
+  flight at once, which a block device may complete in any order.
 - A node that is not `hold`ing (a mirror replica: the array has other
   copies) never makes a request wait: while its gate is shut, and when its
   connection breaks under a request, the request fails at once with
