@@ -380,6 +380,24 @@ class Array:
 
         await _all(partial(self.nodes[e.node].write, e.node_offset, piece(e)) for e in extents)
 
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Zeroes over [offset, offset+length) (each node punches or writes
+        them as it can); also what a TRIM of the disk does."""
+        if offset < 0 or length < 0 or offset + length > self.alg.size:
+            raise OSError(errno.EINVAL, "write_zeroes outside the disk")
+        try:
+            if self.replicas is not None:
+                await self.replicas.write_zeroes(offset, length)
+            else:
+                await _all(
+                    partial(self.nodes[e.node].write_zeroes, e.node_offset, e.length)
+                    for e in self.alg.map(offset, length, write=True)
+                )
+        except OSError:
+            self.stats.errors += 1
+            raise
+        self.stats.writes += 1
+
     async def flush(self) -> None:
         """NBD_CMD_FLUSH (or fsync) on every node, concurrently."""
         self.stats.flushes += 1

@@ -43,7 +43,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -434,12 +434,24 @@ class ReplicaSet:
         )
 
     async def write(self, offset: int, data: Buffer) -> None:
-        regions = self.alg.region_range(offset, len(data))
+        await self._update(offset, len(data), lambda node: node.write(offset, data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Zeroes on every replica (also what a TRIM does here: replicas
+        must read the same afterwards)."""
+        await self._update(offset, length, lambda node: node.write_zeroes(offset, length))
+
+    async def _update(
+        self, offset: int, length: int, op: Callable[[Node], Awaitable[None]]
+    ) -> None:
+        """A change to [offset, offset+length), `op` on every reachable replica."""
+        regions = self.alg.region_range(offset, length)
         await self.lock.enter(regions)
         for r in regions:
             self._active_count[r] = self._active_count.get(r, 0) + 1
         try:
-            await self._write_locked(offset, data, regions)
+            while not await self._update_once(offset, length, op, regions):
+                pass  # the last in-sync replica went away under it: wait, resend
         finally:
             now = time.monotonic()
             for r in regions:
@@ -451,11 +463,9 @@ class ReplicaSet:
                 self._active_last[r] = now
             self.lock.leave(regions)
 
-    async def _write_locked(self, offset: int, data: Buffer, regions: range) -> None:
-        while not await self._write_once(offset, data, regions):
-            pass  # the last in-sync replica went away under it: wait, resend
-
-    async def _write_once(self, offset: int, data: Buffer, regions: range) -> bool:
+    async def _update_once(
+        self, offset: int, length: int, op: Callable[[Node], Awaitable[None]], regions: range
+    ) -> bool:
         if not self._readable():
             await self._wait_for_replica()
         if self.active is not None:
@@ -469,7 +479,7 @@ class ReplicaSet:
 
         async def one(rep: Replica) -> None:
             try:
-                await rep.node.write(offset, data)
+                await op(rep.node)
             except OSError as e:
                 failed.append((rep, e))
             else:
@@ -480,7 +490,7 @@ class ReplicaSet:
                 nursery.start_soon(one, rep)
         for rep, e in failed:
             if not isinstance(e, NodeUnavailable):
-                log.warning("%s: write %d+%d failed: %s", rep.name, offset, len(data), e)
+                log.warning("%s: write %d+%d failed: %s", rep.name, offset, length, e)
             missing.append(rep)
         held = [r for r in targets if r.in_sync and all(r is not f for f, _ in failed)]
         if not held:

@@ -461,3 +461,19 @@ async def test_a_resync_ends_while_disk_img_stays_busy(
     replicas["b"].down = False
     await settle(array, timeout=5)
     assert replicas["b"].data == replicas["a"].data
+
+
+async def test_write_zeroes_reaches_every_replica(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    array = await mount(nursery, replicas, tmp_path, ["a", "b"])
+    await settle(array)
+    await array.write(0, b"\x01" * (3 * REGION))
+    await array.write_zeroes(REGION // 2, REGION)
+    for r in replicas.values():
+        assert r.data[: REGION // 2] == b"\x01" * (REGION // 2)
+        assert r.data[REGION // 2 : REGION // 2 + REGION] == bytes(REGION)
+        assert r.data[REGION // 2 + REGION : 3 * REGION] == b"\x01" * (REGION * 3 // 2)
+    with pytest.raises(OSError) as e:
+        await array.write_zeroes(SIZE - 10, 20)
+    assert e.value.errno == errno.EINVAL
