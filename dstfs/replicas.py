@@ -206,7 +206,9 @@ class ReplicaSet:
             )
         self.active = _open_bitmap(self._bitmap_path("active"), self.alg.regions)
         crashed = list(self.active)
-        first = good.index(True) if any(good) else None
+        # The source for a crash's regions: a good replica reachable now.
+        ready_good = [i for i, g in enumerate(good) if g and self.replicas[i].node.ready]
+        first = ready_good[0] if ready_good else (good.index(True) if any(good) else None)
         for i, rep in enumerate(self.replicas):
             rep.in_sync = good[i]
             if not good[i] and not len(rep.bitmap) and entries[i].synced is None:
@@ -319,9 +321,11 @@ class ReplicaSet:
             if rep.in_sync and self._started:
                 self._leave(rep, f"node is {node.state.value}")
             if rep.written:
-                # Unflushed writes may be lost with the connection.
+                # Unflushed writes may be lost with the connection: resync
+                # them too, and say so durably (a crash must not forget it).
                 rep.mark(rep.written)
                 rep.written.clear()
+                self.array.nursery.start_soon(self._flush_quietly, rep)
         else:
             self._maybe_resync(rep)
         self._wake()
@@ -338,8 +342,10 @@ class ReplicaSet:
             log.error("%s: %s, but it is the last in-sync replica: kept", rep.name, reason)
             return False
         rep.in_sync = False
-        rep.mark(rep.written)
-        rep.written.clear()
+        if rep.written:  # unflushed there: may be lost with it
+            rep.mark(rep.written)
+            rep.written.clear()
+            self.array.nursery.start_soon(self._flush_quietly, rep)
         self.array.generation += 1
         log.error(
             "%s: out of sync (%s); the array is degraded, generation %d",
@@ -367,6 +373,10 @@ class ReplicaSet:
                 entries[i] = attrs.evolve(entries[i], synced=gen)
         self.array.entries = entries
         self.array.persist()
+
+    async def _flush_quietly(self, rep: Replica) -> None:
+        with contextlib.suppress(OSError):  # the bitmap logs it; tried again later
+            await rep.bitmap.flush()
 
     async def _flush_bitmap(self, rep: Replica) -> None:
         try:
