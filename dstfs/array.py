@@ -30,8 +30,7 @@ from dstfs import state
 from dstfs.algorithms import Algorithm, Extent, make_algorithm
 from dstfs.algorithms.base import SECTOR
 from dstfs.backends.base import Backend
-from dstfs.backends.file import FileBackend
-from dstfs.backends.nbd import NbdBackend
+from dstfs.backends.registry import Opener, open_backend
 from dstfs.iotypes import Buffer
 from dstfs.jobs import Jobs
 from dstfs.node import Node, render_counters
@@ -80,23 +79,6 @@ async def _all(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
 #: is as big as its smallest known replica).
 UNKNOWN_SIZE = 1 << 62
 
-#: Seconds a server may take to accept and negotiate when a node is opened.
-OPEN_TIMEOUT = 10.0
-
-
-async def open_backend(spec: NodeSpec, nursery: trio.Nursery, connections: int = 1) -> Backend:
-    """Open the storage behind `spec`; OSError with the true errno if not,
-    ETIMEDOUT for a server that does not answer within OPEN_TIMEOUT."""
-    min_size = (spec.size or 0) * SECTOR
-    if spec.kind == "file":
-        assert spec.path is not None
-        return FileBackend(spec.path, size=min_size or None)
-    try:
-        with trio.fail_after(OPEN_TIMEOUT):
-            return await NbdBackend.open(spec, nursery, connections=connections, min_size=min_size)
-    except trio.TooSlowError:
-        raise OSError(errno.ETIMEDOUT, f"no answer in {OPEN_TIMEOUT:g} s") from None
-
 
 class Array:
     def __init__(
@@ -107,8 +89,11 @@ class Array:
         options: dict[str, int] | None = None,
         state_dir: Path | None = None,
         connections: int = 1,
+        opener: Opener = open_backend,
     ) -> None:
         self.name = name
+        #: Opens a node's storage from its spec (tests hand in their own).
+        self.opener = opener
         self.nursery = nursery
         self.state_dir = state_dir
         self.connections = connections
@@ -189,7 +174,7 @@ class Array:
                     f"{self.alg_name}: adding a node re-lays out the disk; close it first",
                 )
             try:
-                backend = await open_backend(spec, self.nursery, self.connections)
+                backend = await self.opener(spec, self.nursery, self.connections)
             except OSError as e:
                 raise ArrayError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
             try:

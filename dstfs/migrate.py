@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from dstfs import sparse
-from dstfs.array import Array, open_backend
+from dstfs.array import Array
 from dstfs.backends.base import Backend, BackendFilter, read_into
 from dstfs.control import Attr, ControlError, Tree
 from dstfs.interlock import RegionLock
@@ -313,7 +313,7 @@ async def _open_target(array: Array, node: Node, text: str) -> tuple[NodeSpec, B
     if spec.uri == node.spec.uri:
         raise ControlError(errno.EINVAL, "the target is the node's current target")
     try:
-        backend = await open_backend(spec.with_size(None), array.nursery, array.connections)
+        backend = await array.opener(spec.with_size(None), array.nursery, array.connections)
     except OSError as e:
         raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
     # A replica holds the disk (its own size may be unknown: unreachable at

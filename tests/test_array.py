@@ -18,10 +18,10 @@ import pytest
 import trio
 from procs import free_port
 
-import dstfs.array as array_mod
 from dstfs import state
 from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend
+from dstfs.backends.registry import open_backend
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.uri import NodeSpec
 
@@ -91,32 +91,32 @@ class PatternBackend:
         self.closed = True
 
 
-@pytest.fixture
-def patterns(monkeypatch: pytest.MonkeyPatch) -> dict[str, PatternBackend]:
-    """Backends for `file:///pattern/NAME` node URIs: register one under NAME."""
-    made: dict[str, PatternBackend] = {}
-    real = array_mod.open_backend
+class Patterns(dict[str, PatternBackend]):
+    """Backends for `file:///pattern/NAME` node URIs: register one under
+    NAME; `open` is the opener to hand to the Array (else the real one)."""
 
-    async def open_backend(spec: NodeSpec, nursery: trio.Nursery, connections: int = 1):
+    async def open(self, spec: NodeSpec, nursery: trio.Nursery, connections: int = 1):
         if spec.path and spec.path.startswith("/pattern/"):
-            backend = made[spec.path.removeprefix("/pattern/")]
+            backend = self[spec.path.removeprefix("/pattern/")]
             if spec.size and spec.size * 512 > backend.size:
                 raise OSError(errno.ENOSPC, "smaller than asked")
             return backend
-        return await real(spec, nursery, connections)
+        return await open_backend(spec, nursery, connections)
 
-    monkeypatch.setattr(array_mod, "open_backend", open_backend)
-    return made
+
+@pytest.fixture
+def patterns() -> Patterns:
+    return Patterns()
 
 
 async def pattern_array(
     nursery: trio.Nursery,
-    patterns: dict[str, PatternBackend],
+    patterns: Patterns,
     sizes: list[int],
     alg: str = "alg_linear",
     **kw: object,
 ) -> tuple[Array, list[PatternBackend]]:
-    array = Array("test", nursery, alg=alg, **kw)  # type: ignore[arg-type]
+    array = Array("test", nursery, alg=alg, opener=patterns.open, **kw)  # type: ignore[arg-type]
     backends = []
     for i, size in enumerate(sizes):
         patterns[str(i)] = b = PatternBackend(i + 1, size)
@@ -382,7 +382,7 @@ def open_fds() -> int:
         ("FILE,size=0", errno.EINVAL),
         ("FILE,colour=red", errno.EINVAL),
         ("file:///no/such/dstfs/node.img", errno.ENOENT),
-        ("FILE,size=1000", errno.ENOSPC),  # more sectors than the file holds
+        ("OTHER,size=1000", errno.ENOSPC),  # more sectors than the file holds
         ("TINY", errno.EINVAL),  # smaller than one sector
         ("DIR", errno.EISDIR),
         ("FIFO", errno.EINVAL),  # not a regular file or block device
@@ -393,11 +393,13 @@ async def test_add_node_refusal_has_the_true_errno_and_changes_nothing(
     nursery: trio.Nursery, tmp_path: Path, uri: str, err: int
 ) -> None:
     good = pattern_file(tmp_path / "good.img", 1, 64 * KiB)
+    other = pattern_file(tmp_path / "other.img", 2, 64 * KiB)
     tiny = tmp_path / "tiny.img"
     tiny.write_bytes(b"x" * 100)
     os.mkfifo(tmp_path / "fifo")
     uri = (
         uri.replace("FILE", f"file://{good}")
+        .replace("OTHER", f"file://{other}")
         .replace("TINY", f"file://{tiny}")
         .replace("DIR", f"file://{tmp_path}")
         .replace("FIFO", f"file://{tmp_path}/fifo")
@@ -461,8 +463,8 @@ async def test_linear_add_node_while_open_grows_the_disk_and_calls_on_resize(
     assert bytes(await array.read(B2, 8)) == pattern(7, 0, 8)
 
 
-async def test_set_alg_only_without_nodes(nursery: trio.Nursery, patterns: dict) -> None:
-    array = Array("a", nursery)
+async def test_set_alg_only_without_nodes(nursery: trio.Nursery, patterns: Patterns) -> None:
+    array = Array("a", nursery, opener=patterns.open)
     array.set_alg("alg_stripe")
     assert array.alg_name == "alg_stripe" and array.alg.options() == {"chunk": 65536}
     with pytest.raises(ArrayError) as e:
@@ -477,10 +479,10 @@ async def test_set_alg_only_without_nodes(nursery: trio.Nursery, patterns: dict)
 
 
 async def test_set_alg_drops_the_old_algorithms_options(
-    nursery: trio.Nursery, patterns: dict
+    nursery: trio.Nursery, patterns: Patterns
 ) -> None:
     # A stripe's chunk must not be handed to linear when the algorithm changes.
-    array = Array("a", nursery, alg="alg_stripe", options={"chunk": 131072})
+    array = Array("a", nursery, alg="alg_stripe", options={"chunk": 131072}, opener=patterns.open)
     array.set_alg("alg_linear")
     patterns["0"] = PatternBackend(1, 64 * KiB)
     await array.add_node("file:///pattern/0")

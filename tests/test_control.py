@@ -18,7 +18,7 @@ import pytest
 import trio
 from procs import free_port
 
-import dstfs.array
+import dstfs.backends.registry
 from dstfs import state
 from dstfs.array import Array
 from dstfs.backends.file import FileBackend
@@ -402,7 +402,7 @@ async def test_add_node_of_a_server_that_never_answers_is_etimedout(
 ) -> None:
     """The kernel accepts the connection, the server never speaks: the write
     ends with ETIMEDOUT after the open timeout, and nothing changes."""
-    monkeypatch.setattr(dstfs.array, "OPEN_TIMEOUT", 0.5)
+    monkeypatch.setattr(dstfs.backends.registry, "OPEN_TIMEOUT", 0.5)
     with trio.socket.socket() as silent:
         await silent.bind(("127.0.0.1", 0))
         silent.listen(1)

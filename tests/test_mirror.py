@@ -19,6 +19,7 @@ import trio
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
+from dstfs.backends.registry import open_backend
 from dstfs.bitmap import RegionBitmap
 from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO, ConnectionLost
 from dstfs.node import NodeUnavailable
@@ -113,26 +114,24 @@ class Replica:
         pass
 
 
-@pytest.fixture
-def replicas(monkeypatch: pytest.MonkeyPatch) -> dict[str, Replica]:
-    """Backends for `file:///replica/NAME` URIs."""
-    import dstfs.array as array_mod
+class Replicas(dict[str, "Replica"]):
+    """Backends for `file:///replica/NAME` URIs; `open` is the opener to
+    hand to the Array (other URIs go to the real one)."""
 
-    made: dict[str, Replica] = {}
-    real = array_mod.open_backend
-
-    async def open_backend(spec, nursery, connections=1):  # type: ignore[no-untyped-def]
+    async def open(self, spec, nursery, connections=1):  # type: ignore[no-untyped-def]
         if spec.path and spec.path.startswith("/replica/"):
-            return made[spec.path.removeprefix("/replica/")]
-        return await real(spec, nursery, connections)
+            return self[spec.path.removeprefix("/replica/")]
+        return await open_backend(spec, nursery, connections)
 
-    monkeypatch.setattr(array_mod, "open_backend", open_backend)
-    return made
+
+@pytest.fixture
+def replicas() -> Replicas:
+    return Replicas()
 
 
 async def mount(
     nursery: trio.Nursery,
-    made: dict[str, Replica],
+    made: Replicas,
     state_dir: Path,
     names: list[str],
     force: int | None = None,
@@ -148,7 +147,7 @@ async def mount(
         config = state.ArrayConfig(
             "m", "alg_mirror", {"region": REGION}, tuple(entries), generation=1
         )
-    array = Array(config.name, nursery, alg=config.alg, options=config.options)
+    array = Array(config.name, nursery, alg=config.alg, options=config.options, opener=made.open)
     for e in config.nodes:
         assert e.uri is not None
         await array.add_node(e.uri, e)
@@ -419,7 +418,7 @@ def test_node_unavailable_is_an_oserror_with_eagain() -> None:
 async def test_a_mirror_built_at_run_time_and_rebuilt_after_remove_all(
     nursery: trio.Nursery, replicas: dict, tmp_path: Path
 ) -> None:
-    array = Array("rt", nursery, state_dir=tmp_path)
+    array = Array("rt", nursery, state_dir=tmp_path, opener=replicas.open)
     array.set_alg("alg_mirror")
     for n in ("a", "b"):
         replicas[n] = Replica(n)
