@@ -33,6 +33,7 @@ from dstfs.backends.base import Backend
 from dstfs.backends.registry import Opener, open_backend
 from dstfs.iotypes import Buffer
 from dstfs.jobs import Jobs
+from dstfs.members import admitting
 from dstfs.node import Node, render_counters
 from dstfs.replicas import ReplicaSet
 from dstfs.uri import NodeSpec, parse_node
@@ -90,10 +91,13 @@ class Array:
         state_dir: Path | None = None,
         connections: int = 1,
         opener: Opener = open_backend,
+        mountpoint: str | None = None,
     ) -> None:
         self.name = name
         #: Opens a node's storage from its spec (tests hand in their own).
         self.opener = opener
+        #: The resolved mount point: nodes inside it are refused (ELOOP).
+        self.mountpoint = mountpoint
         self.nursery = nursery
         self.state_dir = state_dir
         self.connections = connections
@@ -166,7 +170,7 @@ class Array:
                 spec = parse_node(spec)
             except ValueError as e:
                 raise ArrayError(errno.EINVAL, str(e)) from None
-        async with self._change_lock:
+        async with self._change_lock, admitting(self, spec):
             relayout = self.alg.named_by_index and not self.alg.redundant
             if self.nodes and relayout and self.open_count:
                 raise ArrayError(

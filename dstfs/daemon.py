@@ -66,6 +66,7 @@ async def run(
             options=config.options,
             state_dir=None,  # do not rewrite the state while loading it
             connections=connections,
+            mountpoint=os.path.realpath(mountpoint),  # now: never stat it once mounted
         )
 
         async def give_up(message: str) -> None:

@@ -26,7 +26,8 @@ import errno
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -36,6 +37,7 @@ from dstfs.backends.base import Backend, BackendFilter, read_into
 from dstfs.control import Attr, ControlError, Tree
 from dstfs.interlock import RegionLock
 from dstfs.iotypes import Buffer
+from dstfs.members import admitting
 from dstfs.node import DEFAULT_TIMEOUT as DEFAULT_NODE_TIMEOUT
 from dstfs.node import Node
 from dstfs.uri import NodeSpec, parse_node
@@ -305,27 +307,38 @@ class Migration:
                 log.warning("%s: closing the old target: %s", old_name, e)
 
 
-async def _open_target(array: Array, node: Node, text: str) -> tuple[NodeSpec, Backend]:
+@asynccontextmanager
+async def _open_target(
+    array: Array, node: Node, text: str, what: str
+) -> AsyncIterator[tuple[NodeSpec, Backend]]:
+    """Parse, admit and open a new target for `node`. The target stays
+    claimed (members.admitting) until the block, which makes it a member,
+    ends; `target` may name storage the node itself uses (it gives it up),
+    `migrate` may not."""
     try:
         spec = parse_node(text)
     except ValueError as e:
         raise ControlError(errno.EINVAL, str(e)) from None
     if spec.uri == node.spec.uri:
         raise ControlError(errno.EINVAL, "the target is the node's current target")
-    try:
-        backend = await array.opener(spec.with_size(None), array.nursery, array.connections)
-    except OSError as e:
-        raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
-    # A replica holds the disk (its own size may be unknown: unreachable at
-    # mount); any other node its share.
-    need = array.size if array.replicas is not None else node.size
-    if backend.size < need:
-        await backend.aclose()
-        raise ControlError(errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {need}")
-    if getattr(backend, "read_only", False):
-        await backend.aclose()
-        raise ControlError(errno.EROFS, f"{spec.uri} is read-only")
-    return spec.with_size(node.spec.size), backend
+    replacing = node if what == "target" else None
+    async with admitting(array, spec, replacing, f"{what} of {node.name}"):
+        try:
+            backend = await array.opener(spec.with_size(None), array.nursery, array.connections)
+        except OSError as e:
+            raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
+        # A replica holds the disk (its own size may be unknown: unreachable at
+        # mount); any other node its share.
+        need = array.size if array.replicas is not None else node.size
+        if backend.size < need:
+            await backend.aclose()
+            raise ControlError(
+                errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {need}"
+            )
+        if getattr(backend, "read_only", False):
+            await backend.aclose()
+            raise ControlError(errno.EROFS, f"{spec.uri} is read-only")
+        yield spec.with_size(node.spec.size), backend
 
 
 def migration_attrs(array: Array) -> Callable[[Node], Tree]:
@@ -347,10 +360,11 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
                 return
             if node.suspended:
                 raise ControlError(errno.EBUSY, "the node is suspended")
-            spec, backend = await _open_target(array, node, value)
-            job = Migration(array, node, spec)
-            jobs[id(node)] = job
-            array.nursery.start_soon(job.run, backend)
+            async with _open_target(array, node, value, "migrate") as (spec, backend):
+                job = Migration(array, node, spec)
+                jobs[id(node)] = job
+                node.migration = job  # a member from now on (run() sets it too)
+                array.nursery.start_soon(job.run, backend)
             log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, job.total)
 
         async def replace_replica(value: str) -> None:
@@ -358,16 +372,16 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             # target is synced from the in-sync replicas, so a dead replica
             # can be replaced too.
             assert array.replicas is not None
-            spec, backend = await _open_target(array, node, value)
-            old_name = node.name
-            old: list[Backend] = []
-            try:
-                await array.replicas.replace(
-                    node, lambda: old.append(array.retarget(node, spec, backend))
-                )
-            except OSError:
-                await backend.aclose()
-                raise
+            async with _open_target(array, node, value, "target") as (spec, backend):
+                old_name = node.name
+                old: list[Backend] = []
+                try:
+                    await array.replicas.replace(
+                        node, lambda: old.append(array.retarget(node, spec, backend))
+                    )
+                except OSError:
+                    await backend.aclose()
+                    raise
             log.warning("%s: replica replaced by %s", old_name, spec.uri)
             with trio.CancelScope(shield=True):
                 for b in old:
@@ -382,13 +396,13 @@ def migration_attrs(array: Array) -> Callable[[Node], Tree]:
             job = jobs.get(id(node))
             if job is not None and job.status == "copying":
                 raise ControlError(errno.EBUSY, "a migration is running")
-            spec, backend = await _open_target(array, node, value)
-            old_name = node.name
-            try:
-                old = array.retarget(node, spec, backend)
-            except OSError:
-                await backend.aclose()
-                raise
+            async with _open_target(array, node, value, "target") as (spec, backend):
+                old_name = node.name
+                try:
+                    old = array.retarget(node, spec, backend)
+                except OSError:
+                    await backend.aclose()
+                    raise
             log.warning("%s: repointed to %s", old_name, spec.uri)
             with trio.CancelScope(shield=True):
                 await old.aclose()

@@ -385,7 +385,9 @@ def test_stripe_array_through_the_mount(tmp_path: Path) -> None:
             assert nb[chunk : chunk + chunk // 2] == payload[chunk // 2 + 2 * chunk :]
             assert nb[chunk + chunk // 2 : 2 * chunk] == nodes[1][chunk + chunk // 2 : 2 * chunk]
             # a stripe re-lays the disk when a node is added: refused while open
-            res = sh(f"echo file://{a} > {mnt}/add_node")
+            c = tmp_path / "c.img"  # not a or b: those are EEXIST, members already
+            c.write_bytes(pattern(3, NODE))
+            res = sh(f"echo file://{c} > {mnt}/add_node")
             assert res.returncode == 1 and "Device or resource busy" in res.stderr
 
 
