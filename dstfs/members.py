@@ -295,7 +295,8 @@ def members_of(array: Array, replacing: Node | None = None) -> list[Member]:
         new = getattr(node.migration, "spec", None)
         if isinstance(new, NodeSpec):
             out.append(Member(f"{name}'s migration target ({new.uri})", new))
-        entry = array.entries[i] if i < len(array.entries) else None
+        entries = getattr(array, "entries", ())
+        entry = entries[i] if i < len(entries) else None
         served = getattr(entry, "serve", None)
         if served and node is not replacing:
             out.append(Member(f"{name} (serving {served})", parse_uri(served)))

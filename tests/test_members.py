@@ -439,6 +439,15 @@ def test_a_mount_refuses_its_own_disk_and_a_loop_device_over_it(tmp_path: Path) 
             assert rc != 0 and "Too many levels of symbolic links" in err, err
             rc, err = write_ctl(mnt / "n-0" / "suspend", "0")
             assert rc == 0, err
+        # A bind mount of the mount is the same mount (mountinfo says so).
+        bind = tmp_path / "bind"
+        bind.mkdir()
+        subprocess.run(["mount", "--bind", str(mnt), str(bind)], check=True, timeout=30)
+        try:
+            rc, err = write_ctl(mnt / "add_node", str(bind / "disk.img"))
+            assert rc != 0 and "Too many levels of symbolic links" in err, err
+        finally:
+            _run(["umount", "-l", str(bind)])
         # The daemon goes on: same nodes, and disk.img reads the node.
         assert (mnt / "nodes").read_text() == nodes
         with open(disk, "rb") as f:
