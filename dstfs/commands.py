@@ -145,6 +145,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError(f"{mountpoint}: not a directory")
     state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
     state_dir = state_dir.absolute()
+    real_state = os.path.realpath(state_dir)
+    if real_state == mountpoint or real_state.startswith(mountpoint.rstrip("/") + "/"):
+        # The daemon would write its state through its own mount: a deadlock.
+        raise CliError(f"{state_dir}: the state dir cannot be under the mount point {mountpoint}")
     if args.lock_fd is not None:
         lock_fd = args.lock_fd  # taken by the `dstfs mount` that started us
     else:

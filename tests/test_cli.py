@@ -269,3 +269,13 @@ def test_a_node_timeout_survives_a_remount(tmp_path: Path) -> None:
     with mounted(tmp_path, state=state) as mnt:
         assert (mnt / "n-8192" / "timeout").read_text() == "2.5\n"
         assert (mnt / "n-0" / "timeout").read_text() == "30\n"
+
+
+def test_mount_with_the_state_dir_under_the_mount_point_is_one_line(tmp_path: Path) -> None:
+    # The daemon would write its state through its own mount (a deadlock).
+    a = node_file(tmp_path)
+    mnt = new_dir(tmp_path, "mnt")
+    res = dstfs("mount", str(mnt), "--state", str(mnt / "state"), "--node", f"file://{a}")
+    assert "under the mount point" in one_line(res)
+    assert not is_mounted(mnt)
+    assert not (mnt / "state").exists()
