@@ -17,13 +17,12 @@ from __future__ import annotations
 import errno
 
 from dstfs.array import Array
+from dstfs.backends.base import BackendBase
 from dstfs.iotypes import Buffer
 
 
-class ArrayBackend:
+class ArrayBackend(BackendBase):
     """The array seen through the Backend interface, for the NBD server."""
-
-    read_only = False
 
     def __init__(self, array: Array) -> None:
         self.array = array
@@ -74,9 +73,6 @@ class ArrayBackend:
         if node is None or not node.can_block_status:
             raise OSError(errno.EOPNOTSUPP, "no block status for this array")
         return await node.block_status(offset, length)
-
-    def file_slice(self, offset: int, length: int) -> None:
-        return None
 
     async def aclose(self) -> None:
         pass  # the daemon closes the array

@@ -33,7 +33,7 @@ import trio
 
 from dstfs import sparse
 from dstfs.array import Array
-from dstfs.backends.base import Backend, BackendFilter, read_into
+from dstfs.backends.base import Backend, BackendFilter
 from dstfs.control import Attr, ControlError, Tree
 from dstfs.interlock import RegionLock
 from dstfs.iotypes import Buffer
@@ -122,7 +122,7 @@ class MigrationFilter(BackendFilter):
             raise OSError(errno.ETIMEDOUT, f"no answer in {self.timeout:g} s") from None
 
     async def pread_into(self, offset: int, views: list[memoryview]) -> None:
-        await read_into(self.inner, offset, views)  # reads: the old target, unchanged
+        await self.inner.pread_into(offset, views)  # reads: the old target, unchanged
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self._mirror(lambda b: b.pwrite(offset, data, fua), self._chunks(offset, len(data)))
@@ -335,7 +335,7 @@ async def _open_target(
             raise ControlError(
                 errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {need}"
             )
-        if getattr(backend, "read_only", False):
+        if backend.read_only:
             await backend.aclose()
             raise ControlError(errno.EROFS, f"{spec.uri} is read-only")
         yield spec.with_size(node.spec.size), backend

@@ -37,7 +37,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from dstfs.backends.base import Backend, read_into
+from dstfs.backends.base import Backend
 from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.uri import NodeSpec
 
@@ -221,7 +221,7 @@ class Node:
         if into is None:
             data = await self._call("read", offset, length, lambda b: b.pread(offset, length))
         else:
-            data = await self._call("read", offset, length, lambda b: read_into(b, offset, into))
+            data = await self._call("read", offset, length, lambda b: b.pread_into(offset, into))
         self.stats.reads += 1
         self.stats.read_bytes += length
         return data
@@ -334,8 +334,7 @@ class Node:
                         limit = min(limit, max(left, 0.05))
                 # Looked up on every attempt: a repoint replaces the backend.
                 backend = self.backend
-                reconnect = getattr(backend, "reconnect", None)
-                if reconnect is None:
+                if not backend.can_reconnect:
                     if not self._failed:
                         self._fail()
                     return
@@ -343,7 +342,7 @@ class Node:
                 with trio.CancelScope() as self._attempt:
                     try:
                         with trio.fail_after(limit):
-                            await reconnect()
+                            await backend.reconnect()
                     except Exception as e:  # OSError, TooSlowError, a group from connect
                         failure = e
                 self._attempt = None

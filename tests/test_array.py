@@ -20,6 +20,7 @@ from procs import free_port
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
+from dstfs.backends.base import BackendBase
 from dstfs.backends.file import FileBackend
 from dstfs.backends.registry import open_backend
 from dstfs.nbd.server import Export, NbdServer
@@ -35,7 +36,7 @@ def pattern(tag: int, offset: int, length: int) -> bytes:
     return words[offset - 8 * first :][:length]
 
 
-class PatternBackend:
+class PatternBackend(BackendBase):
     """An in-memory node; `fail` makes every request fail with that errno;
     `barrier` makes reads wait until that many reads have started."""
 

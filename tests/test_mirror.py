@@ -19,6 +19,7 @@ import trio
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
+from dstfs.backends.base import BackendBase
 from dstfs.backends.registry import open_backend
 from dstfs.bitmap import RegionBitmap
 from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO, ConnectionLost
@@ -30,7 +31,7 @@ REGION = 64 * KiB
 SIZE = 16 * REGION
 
 
-class Replica:
+class Replica(BackendBase):
     """An in-memory replica. `read_errno`/`write_errno` fail those requests
     (in `bad_range` only, if set); `down` breaks the connection until it is
     cleared (reconnect() succeeds again)."""
@@ -51,6 +52,7 @@ class Replica:
 
     #: Answers block status, as SEEK_HOLE would: zeroes are a hole.
     can_block_status = True
+    can_reconnect = True
 
     @property
     def size(self) -> int:

@@ -7,15 +7,22 @@ Rules:
 - `ConnectionLost` (an OSError, in dstfs.iotypes) means the transport broke: the request may or
   may not have reached storage, and can be retried on a new connection. Any
   other OSError is the storage's answer to this request.
+- A backend declares what it can do (`read_only`, `can_reconnect`,
+  `can_block_status`) and offers every method of the interface; BackendBase
+  gives the plain answers (reads into caller buffers through `pread`, no
+  file slices, no reconnect, no block status), so nobody probes with getattr.
 - A filter wraps a backend and passes through everything it does not change,
-  like an nbdkit filter over a plugin.
+  like an nbdkit filter over a plugin: reads into caller buffers too. A
+  filter that changes reads overrides `pread_into` as well as `pread`; file
+  slices (a zero-copy shortcut past the filter) are never passed through.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol, runtime_checkable
 
-from dstfs.iotypes import Buffer, scatter
+from dstfs.iotypes import Buffer, FileSlice, scatter
 
 
 @runtime_checkable
@@ -38,6 +45,22 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
+    #: Writes, trims and zeroes are refused (EROFS).
+    read_only: bool
+
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        """Read into `views`, in order (each reply lands in place where it can)."""
+        ...
+
+    def file_slice(self, offset: int, length: int) -> FileSlice | None:
+        """The bytes as a slice of a file, for sendfile(2); None if not a file."""
+        ...
+
+    #: Whether `reconnect()` can recover from ConnectionLost (a new connection).
+    can_reconnect: bool
+
+    async def reconnect(self) -> None: ...
+
     #: Whether `block_status(offset, length) -> list[(length, flags)]` is
     #: offered: extents from `offset` covering at least a prefix of the
     #: range, flags as dstfs.iotypes.EXTENT_* (0 is data). A backend that
@@ -45,15 +68,30 @@ class Backend(Protocol):
     #: base:allocation) sets it False then and raises EOPNOTSUPP.
     can_block_status: bool
 
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
 
-async def read_into(backend: Backend, offset: int, views: list[memoryview]) -> None:
-    """Read into `views` in order: in place where the backend offers
-    `pread_into` (an optional method), else through `pread` and a copy."""
-    direct = getattr(backend, "pread_into", None)
-    if direct is not None:
-        await direct(offset, views)
-        return
-    scatter(await backend.pread(offset, sum(len(v) for v in views)), views)
+
+class BackendBase:
+    """The plain answers to the optional parts of the interface."""
+
+    read_only = False
+    can_reconnect = False
+    can_block_status = False
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        raise NotImplementedError
+
+    async def pread_into(self, offset: int, views: list[memoryview]) -> None:
+        scatter(await self.pread(offset, sum(len(v) for v in views)), views)
+
+    def file_slice(self, offset: int, length: int) -> FileSlice | None:
+        return None
+
+    async def reconnect(self) -> None:
+        raise OSError(errno.EOPNOTSUPP, "this storage cannot reconnect")
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        raise OSError(errno.EOPNOTSUPP, "no block status")
 
 
 class BackendFilter:
@@ -67,12 +105,15 @@ class BackendFilter:
     def size(self) -> int:
         return self.inner.size
 
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
     async def pread(self, offset: int, length: int) -> Buffer:
         return await self.inner.pread(offset, length)
 
     async def pread_into(self, offset: int, views: list[memoryview]) -> None:
-        # Through this filter's pread, so a filter that changes reads is obeyed.
-        scatter(await self.pread(offset, sum(len(v) for v in views)), views)
+        await self.inner.pread_into(offset, views)
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self.inner.pwrite(offset, data, fua)
@@ -90,17 +131,20 @@ class BackendFilter:
         await self.inner.aclose()
 
     @property
+    def can_reconnect(self) -> bool:
+        return self.inner.can_reconnect
+
+    async def reconnect(self) -> None:
+        await self.inner.reconnect()
+
+    @property
     def can_block_status(self) -> bool:
         return self.inner.can_block_status
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await self.inner.block_status(offset, length)  # type: ignore[attr-defined]
+        return await self.inner.block_status(offset, length)
 
-    def file_slice(self, offset: int, length: int) -> None:
-        # Reads through a filter must pass its pread: no zero-copy shortcut
-        # to the file underneath.
+    def file_slice(self, offset: int, length: int) -> FileSlice | None:
+        # Reads through a filter pass its methods: no zero-copy shortcut to
+        # the storage underneath.
         return None
-
-    def __getattr__(self, name: str) -> object:
-        # Anything else (reconnect, read_only, ...) is the inner backend's.
-        return getattr(self.inner, name)

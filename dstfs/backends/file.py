@@ -25,6 +25,7 @@ import struct
 
 import trio
 
+from dstfs.backends.base import BackendBase
 from dstfs.iotypes import EXTENT_HOLE, EXTENT_ZERO, Buffer, FileSlice, write_zero_bytes
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def create_sparse(path: str, size: int) -> None:
         os.close(fd)
 
 
-class FileBackend:
+class FileBackend(BackendBase):
     """A file or block device opened read-write (or read-only)."""
 
     def __init__(self, path: str, *, read_only: bool = False, size: int | None = None) -> None:

@@ -22,6 +22,7 @@ import logging
 
 import trio
 
+from dstfs.backends.base import BackendBase
 from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.nbd import protocol as P
 from dstfs.nbd.client import NbdClient
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 STATUS_OPEN_TIMEOUT = 10.0
 
 
-class NbdBackend:
+class NbdBackend(BackendBase):
+    can_reconnect = True
+
     def __init__(
         self, spec: NodeSpec, nursery: trio.Nursery, connections: int = 1, min_size: int = 0
     ) -> None:

@@ -371,8 +371,7 @@ class _Session:
         backend = export.backend
         try:
             if cmd == C.READ:
-                file_slice = getattr(backend, "file_slice", None)
-                data = file_slice(req.offset, req.length) if file_slice else None
+                data = backend.file_slice(req.offset, req.length)
                 if data is None:
                     data = await backend.pread(req.offset, req.length)
                 # A file slice is read when sent: a write processed meanwhile
