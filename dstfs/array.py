@@ -22,6 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -112,6 +113,8 @@ class Array:
         self.stats = ArrayStats()
         #: Migrations, resyncs, verify: listed, cancelled at close.
         self.jobs = Jobs(nursery)
+        #: Each node's last migration (dstfs.migrate), for its `migrate` file.
+        self.migrations: dict[Node, Any] = {}
         #: disk.img opens, kept by the FUSE layer (remove_all_nodes needs none).
         self.open_count = 0
         #: Called after the disk size changed (the FUSE layer drops its cache).
@@ -240,6 +243,7 @@ class Array:
             self._save(self.config(alg=empty, entries=()))
             nodes, self.nodes = self.nodes, []
             self.entries = []
+            self.migrations.clear()
             self.alg = empty
             if self.replicas is not None:
                 self.replicas.forget()

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from dstfs import state
+from dstfs import migrate, state
 from dstfs.algorithms import ALGORITHMS
 from dstfs.array import Array
 from dstfs.node import Node, render_counters
@@ -91,10 +91,8 @@ def _value(text: str) -> str:
 
 
 class ControlTree:
-    def __init__(self, array: Array, extra_node_attrs: Callable[[Node], Tree] | None = None):
+    def __init__(self, array: Array):
         self.array = array
-        #: Hook for later features (migration) to add files to n-*/.
-        self.extra_node_attrs = extra_node_attrs
 
     # -- the tree
 
@@ -139,8 +137,14 @@ class ControlTree:
         if self.array.replicas is not None:
             rs = self.array.replicas
             t["dirty"] = Attr(show=lambda: f"{rs.dirty_of(node)}\n")
-        if self.extra_node_attrs is not None:
-            t.update(self.extra_node_attrs(node))
+        t["migrate"] = Attr(
+            show=lambda: migrate.status(self.array, node),
+            store=lambda v: migrate.migrate(self.array, node, v),
+        )
+        t["target"] = Attr(
+            show=lambda: node.spec.uri + "\n",
+            store=lambda v: migrate.repoint(self.array, node, v),
+        )
         return t
 
     def _node_state(self, node: Node) -> str:

@@ -32,7 +32,6 @@ from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
 from dstfs.fs import DstFs
-from dstfs.migrate import migration_attrs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.registry import registry_path, remove_registry, write_registry
 from dstfs.uri import parse_node
@@ -113,7 +112,7 @@ async def run(
         except (ValueError, OSError) as e:
             await give_up(f"{config.name}: {e}")
             return
-        control = ControlTree(array, extra_node_attrs=migration_attrs(array))
+        control = ControlTree(array)
         ops = DstFs(array, control)
         options = set(pyfuse3.default_options) | {
             f"fsname=dstfs:{config.name}",

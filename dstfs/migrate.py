@@ -28,13 +28,13 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
 from dstfs import sparse
-from dstfs.array import Array
+from dstfs.array import Array, ArrayError
 from dstfs.backends.base import Backend, BackendFilter
-from dstfs.control import Attr, ControlError, Tree
 from dstfs.interlock import RegionLock
 from dstfs.iotypes import Buffer
 from dstfs.members import admitting
@@ -318,102 +318,101 @@ async def _open_target(
     try:
         spec = parse_node(text)
     except ValueError as e:
-        raise ControlError(errno.EINVAL, str(e)) from None
+        raise ArrayError(errno.EINVAL, str(e)) from None
     if spec.uri == node.spec.uri:
-        raise ControlError(errno.EINVAL, "the target is the node's current target")
+        raise ArrayError(errno.EINVAL, "the target is the node's current target")
     replacing = node if what == "target" else None
     async with admitting(array, spec, replacing, f"{what} of {node.name}"):
         try:
             backend = await array.opener(spec.with_size(None), array.nursery, array.connections)
         except OSError as e:
-            raise ControlError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
+            raise ArrayError(e.errno or errno.EIO, f"{spec.uri}: {e.strerror or e}") from None
         # A replica holds the disk (its own size may be unknown: unreachable at
         # mount); any other node its share.
         need = array.size if array.replicas is not None else node.size
         if backend.size < need:
             await backend.aclose()
-            raise ControlError(
+            raise ArrayError(
                 errno.ENOSPC, f"{spec.uri}: {backend.size} bytes, the node needs {need}"
             )
         if backend.read_only:
             await backend.aclose()
-            raise ControlError(errno.EROFS, f"{spec.uri} is read-only")
+            raise ArrayError(errno.EROFS, f"{spec.uri} is read-only")
         yield spec.with_size(node.spec.size), backend
 
 
-def migration_attrs(array: Array) -> Callable[[Node], Tree]:
-    """The `migrate` and `target` files of each node directory."""
-    jobs: dict[int, Migration] = {}
+def status(array: Array, node: Node) -> str:
+    """The node's `migrate` file: its last migration's status, or idle."""
+    job = array.migrations.get(node)
+    return job.show() if job is not None else "idle\n"
 
-    def attrs_for(node: Node) -> Tree:
-        async def store_migrate(value: str) -> None:
-            job = jobs.get(id(node))
-            if value == "cancel":
-                if job is None or job.status != "copying":
-                    raise ControlError(errno.EINVAL, "no migration is running")
-                job.cancel_scope.cancel()
-                return
-            if job is not None and job.status == "copying":
-                raise ControlError(errno.EBUSY, "a migration is already running")
-            if array.replicas is not None:
-                await replace_replica(value)
-                return
-            if node.suspended:
-                raise ControlError(errno.EBUSY, "the node is suspended")
-            async with _open_target(array, node, value, "migrate") as (spec, backend):
-                job = Migration(array, node, spec)
-                jobs[id(node)] = job
-                node.migration = job  # a member from now on (run() sets it too)
-                array.nursery.start_soon(job.run, backend)
-            log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, job.total)
 
-        async def replace_replica(value: str) -> None:
-            # A mirror's replica is replaced, not copied from: the new
-            # target is synced from the in-sync replicas, so a dead replica
-            # can be replaced too.
-            assert array.replicas is not None
-            async with _open_target(array, node, value, "target") as (spec, backend):
-                old_name = node.name
-                old: list[Backend] = []
-                try:
-                    await array.replicas.replace(
-                        node, lambda: old.append(array.retarget(node, spec, backend))
-                    )
-                except OSError:
-                    await backend.aclose()
-                    raise
-            log.warning("%s: replica replaced by %s", old_name, spec.uri)
-            with trio.CancelScope(shield=True):
-                for b in old:
-                    await b.aclose()
+def _running(array: Array, node: Node) -> Migration | None:
+    job = array.migrations.get(node)
+    return job if job is not None and job.status == "copying" else None
 
-        async def store_target(value: str) -> None:
-            if array.replicas is not None:
-                await replace_replica(value)
-                return
-            if not node.suspended:
-                raise ControlError(errno.EBUSY, "suspend the node before repointing it")
-            job = jobs.get(id(node))
-            if job is not None and job.status == "copying":
-                raise ControlError(errno.EBUSY, "a migration is running")
-            async with _open_target(array, node, value, "target") as (spec, backend):
-                old_name = node.name
-                try:
-                    old = array.retarget(node, spec, backend)
-                except OSError:
-                    await backend.aclose()
-                    raise
-            log.warning("%s: repointed to %s", old_name, spec.uri)
-            with trio.CancelScope(shield=True):
-                await old.aclose()
 
-        def show_migrate() -> str:
-            job = jobs.get(id(node))
-            return job.show() if job is not None else "idle\n"
+async def migrate(array: Array, node: Node, value: str) -> None:
+    """A write to `migrate`: a URI starts a live migration (a mirror's
+    replica is replaced instead), `cancel` stops the running one."""
+    if value == "cancel":
+        job = _running(array, node)
+        if job is None:
+            raise ArrayError(errno.EINVAL, "no migration is running")
+        job.cancel_scope.cancel()
+        return
+    if _running(array, node) is not None:
+        raise ArrayError(errno.EBUSY, "a migration is already running")
+    if array.replicas is not None:
+        await replace_replica(array, node, value)
+        return
+    if node.suspended:
+        raise ArrayError(errno.EBUSY, "the node is suspended")
+    async with _open_target(array, node, value, "migrate") as (spec, backend):
+        job = Migration(array, node, spec)
+        array.migrations[node] = job
+        node.migration = job  # a member from now on (run() sets it too)
+        array.jobs.start(f"migrate {node.name} -> {spec.uri}", partial(job.run, backend))
+    log.info("%s: migrating to %s (%d bytes)", node.name, spec.uri, job.total)
 
-        return {
-            "migrate": Attr(show=show_migrate, store=store_migrate),
-            "target": Attr(show=lambda: node.spec.uri + "\n", store=store_target),
-        }
 
-    return attrs_for
+async def replace_replica(array: Array, node: Node, value: str) -> None:
+    """A mirror's replica is replaced, not copied from: the new target is
+    synced from the in-sync replicas, so a dead replica can be replaced too."""
+    assert array.replicas is not None
+    async with _open_target(array, node, value, "target") as (spec, backend):
+        old_name = node.name
+        old: list[Backend] = []
+        try:
+            await array.replicas.replace(
+                node, lambda: old.append(array.retarget(node, spec, backend))
+            )
+        except OSError:
+            await backend.aclose()
+            raise
+    log.warning("%s: replica replaced by %s", old_name, spec.uri)
+    with trio.CancelScope(shield=True):
+        for b in old:
+            await b.aclose()
+
+
+async def repoint(array: Array, node: Node, value: str) -> None:
+    """A write to `target`: point a suspended node at other storage, no copy
+    (a mirror's replica is replaced and synced)."""
+    if array.replicas is not None:
+        await replace_replica(array, node, value)
+        return
+    if not node.suspended:
+        raise ArrayError(errno.EBUSY, "suspend the node before repointing it")
+    if _running(array, node) is not None:
+        raise ArrayError(errno.EBUSY, "a migration is running")
+    async with _open_target(array, node, value, "target") as (spec, backend):
+        old_name = node.name
+        try:
+            old = array.retarget(node, spec, backend)
+        except OSError:
+            await backend.aclose()
+            raise
+    log.warning("%s: repointed to %s", old_name, spec.uri)
+    with trio.CancelScope(shield=True):
+        await old.aclose()

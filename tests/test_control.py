@@ -27,7 +27,7 @@ from dstfs.nbd.server import Export, NbdServer
 
 SECTORS = 800
 NODE_BYTES = SECTORS * 512
-NODE_FILES = {"type", "start", "size", "state", "stats", "timeout", "suspend"}
+NODE_FILES = {"type", "start", "size", "state", "stats", "timeout", "suspend", "migrate", "target"}
 NODE_STATS = [
     "reads",
     "writes",
@@ -149,6 +149,8 @@ async def test_modes_read_only_write_only_and_read_write(ctl: Ctl) -> None:
         "stats": 0o444,
         "timeout": 0o644,
         "suspend": 0o644,
+        "migrate": 0o644,
+        "target": 0o644,
     }
 
 

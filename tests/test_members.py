@@ -34,7 +34,6 @@ from dstfs.array import Array
 from dstfs.backends.file import FileBackend
 from dstfs.backends.registry import open_backend
 from dstfs.control import ControlError, ControlTree
-from dstfs.migrate import migration_attrs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.uri import NodeSpec
 
@@ -72,7 +71,7 @@ async def make_rig(
     array = Array("m", nursery, mountpoint=mountpoint, opener=opener)
     for f in files:
         await array.add_node(str(f))
-    tree = ControlTree(array, extra_node_attrs=migration_attrs(array))
+    tree = ControlTree(array)
     return Rig(array, tree, tmp_path, files)
 
 
@@ -478,7 +477,7 @@ async def test_two_replicas_of_a_mirror_on_one_file_are_refused(
     e = await add_refused(array, str(tmp_path / "a-link"))
     assert e.errno == errno.EEXIST and "a.img" in e.strerror, e
     await array.add_node(str(b))
-    tree = ControlTree(array, extra_node_attrs=migration_attrs(array))
+    tree = ControlTree(array)
     with trio.fail_after(10), pytest.raises(ControlError) as ce:
         await tree.write(("n-1", "migrate"), str(tmp_path / "a-link"))
     assert ce.value.errno == errno.EEXIST, ce.value.message

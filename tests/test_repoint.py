@@ -16,7 +16,6 @@ import trio
 from dstfs.array import Array
 from dstfs.backends.file import FileBackend
 from dstfs.control import ControlTree
-from dstfs.migrate import migration_attrs
 from dstfs.nbd.server import Export, NbdServer
 
 MiB = 1 << 20
@@ -66,7 +65,7 @@ async def test_repoint_while_reconnecting_follows_the_new_target(
     await new.start(nursery)
     array = Array("t", nursery)
     node = await array.add_node(old.uri)
-    tree = ControlTree(array, extra_node_attrs=migration_attrs(array))
+    tree = ControlTree(array)
     await array.write(0, b"before")
 
     old.stop()  # the server dies: its connections are reset
@@ -115,7 +114,7 @@ async def test_migrating_a_mostly_empty_node_sends_only_its_data(
     await target.start(nursery)
     array = Array("t", nursery)
     await array.add_node(f"file://{src}")
-    tree = ControlTree(array, extra_node_attrs=migration_attrs(array))
+    tree = ControlTree(array)
     await tree.write(("n-0", "migrate"), target.uri + "\n")
     await wait_for(lambda: tree.read(("n-0", "migrate")) != "copying 0/131072 sectors\n", "start")
     await wait_for(
