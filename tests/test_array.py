@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from procs import free_port
+from helpers.patterns import word_pattern as pattern
+from helpers.procs import free_port
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
@@ -26,13 +27,6 @@ from dstfs.nbd.server import Export, NbdServer
 from dstfs.uri import NodeSpec
 
 KiB = 1024
-
-
-def pattern(tag: int, offset: int, length: int) -> bytes:
-    """Bytes [offset, offset+length) of node `tag`'s initial content."""
-    first, last = offset // 8, (offset + length + 7) // 8
-    words = struct.pack(f"<{last - first}Q", *((tag << 48) | (8 * i) for i in range(first, last)))
-    return words[offset - 8 * first :][:length]
 
 
 class PatternBackend:

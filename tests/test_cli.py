@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mounts import (
+from helpers.mounts import (
     _subreaper,
     daemon_pid,
     is_mounted,
@@ -23,13 +23,9 @@ from mounts import (
     new_dir,
     teardown,
 )
-from procs import DSTFS, free_port
+from helpers.procs import dstfs, free_port
 
 MiB = 1 << 20
-
-
-def dstfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def one_line(res: subprocess.CompletedProcess) -> str:

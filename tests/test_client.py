@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from procs import nbdkit_proc
+from helpers.aio import poll
+from helpers.procs import nbdkit_proc
 
 from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
@@ -81,12 +82,6 @@ async def dstfs_server(
                 stop.cancel()
     finally:
         await inner.aclose()
-
-
-async def poll(pred, timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.005)
 
 
 # ---------------------------------------------------------------- errors

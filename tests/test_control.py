@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from procs import free_port
+from helpers.procs import free_port
 
 import dstfs.backends.registry
 from dstfs import state

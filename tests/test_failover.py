@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 from pathlib import Path
 
 import trio
-from load import (
+from helpers.load import (
     RangeWriter,
     ctl,
     outage_past_timeout,
@@ -31,43 +30,14 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import mounted
-from procs import DSTFS, free_port, need, running, stop, wait_port
+from helpers.mounts import mounted
+from helpers.procs import Server, free_port, need, running
 
 from dstfs.backends.nbd import NbdBackend
 from dstfs.node import Node, State
 from dstfs.uri import parse_uri
 
 MiB = 1 << 20
-
-
-class Server:
-    """`dstfs serve PATH` on a fixed port, to kill and start again."""
-
-    def __init__(self, path: Path, port: int, size: str = "64M") -> None:
-        self.argv = [*DSTFS, "serve", str(path), "--size", size, "--listen", f"127.0.0.1:{port}"]
-        self.port = port
-        self.uri = f"nbd://127.0.0.1:{port}"
-        self.log = path.with_suffix(".log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
-        wait_port(self.port, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Server:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
 
 def test_node_server_killed_and_restarted(tmp_path: Path) -> None:

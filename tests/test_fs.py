@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounts import daemon_pid, is_daemon_of, is_mounted, loop, loops_over, mounted, teardown
-from procs import free_port, nbdkit
+from helpers.mounts import daemon_pid, is_daemon_of, is_mounted, loop, loops_over, mounted, teardown
+from helpers.patterns import word_pattern
+from helpers.procs import free_port, nbdkit, sh
 
 MiB = 1 << 20
 NODE = 4 * MiB
@@ -34,12 +35,8 @@ SECTORS = NODE // 512
 
 
 def pattern(tag: int, size: int) -> bytes:
-    """Every 8-byte little-endian word holds TAG << 48 | its own offset."""
-    return struct.pack(f"<{size // 8}Q", *((tag << 48) | o for o in range(0, size, 8)))
-
-
-def sh(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    """The first `size` bytes of node `tag`'s offset pattern."""
+    return word_pattern(tag, 0, size)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from load import (
+from helpers.load import (
     FileWriter,
     RangeWriter,
     ctl,
@@ -33,8 +33,8 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import ext4, is_mounted, loop, mounted
-from procs import DSTFS, dstfs_server, free_port, nbdkit_proc, need, stop
+from helpers.mounts import ext4, is_mounted, loop, mounted
+from helpers.procs import dstfs, dstfs_server, free_port, nbdkit_proc, need, stop
 
 from dstfs.uri import parse_node
 
@@ -141,9 +141,7 @@ def test_live_migration_under_ext4_load(tmp_path: Path, kind: str) -> None:
             assert ctl(mnt, "n-0", "state") == "online"
             assert saved_uris(state)[0] == parse_node(new).to_text()
             fsck_and_verify(mnt, data, writer.files)
-            res = subprocess.run(
-                [*DSTFS, "umount", str(mnt)], capture_output=True, text=True, timeout=60
-            )
+            res = dstfs("umount", str(mnt))
             assert res.returncode == 0, res.stderr
         with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 90):
             assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
@@ -262,12 +260,7 @@ def test_migrate_cli_prints_progress_and_exits_0_when_done(tmp_path: Path) -> No
         dstfs_server(tmp_path / "new.img", "64M") as (new, _),
         block_load(tmp_path, state=state) as load,
     ):
-        res = subprocess.run(
-            [*DSTFS, "migrate", str(load.mnt), "n-0", new],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = dstfs("migrate", str(load.mnt), "n-0", new, timeout=120)
         t_done = time.monotonic()
         for w in load.writers:
             w.wait_writes(20, since=t_done)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import (
+from helpers.netns import (
     NetnsError,
     Topology,
     list_namespaces,

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from load import (
+from helpers.load import (
     RangeWriter,
     ctl,
     outage_past_timeout,
@@ -33,9 +33,9 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import daemon_pid, mount_cmd, new_dir, teardown
-from netns import Topology, netns_unavailable_reason, topology
-from procs import DSTFS, need
+from helpers.mounts import daemon_pid, mount_cmd, new_dir, teardown
+from helpers.netns import Topology, netns_unavailable_reason, topology
+from helpers.procs import DSTFS, need
 
 MiB = 1 << 20
 NBD_PORT = 10809

@@ -15,7 +15,7 @@ import struct
 import termios
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from procs import dstfs_server, rss_kib
+from helpers.aio import poll
+from helpers.procs import dstfs_server, rss_kib
 
 from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
@@ -251,12 +252,6 @@ async def check_client(c: NbdClient, offset: int) -> None:
     with trio.fail_after(5):
         await c.pwrite(offset, data)
         assert bytes(await c.pread(offset, len(data))) == data
-
-
-async def poll(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.005)
 
 
 def file_bytes(path: Path, offset: int, length: int) -> bytes:

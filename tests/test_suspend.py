@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from load import (
+from helpers.load import (
     RangeWriter,
     ctl,
     ctl_write,
@@ -35,8 +35,8 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import loop, mounted
-from procs import DSTFS, dstfs_serve, nbdkit, need
+from helpers.mounts import loop, mounted
+from helpers.procs import dstfs, dstfs_serve, nbdkit, need
 
 MiB = 1 << 20
 NODE = 64 * MiB
@@ -56,10 +56,6 @@ def node_writers(disk: Path, readback: bool = True) -> tuple[list[RangeWriter], 
 
 def total(writers: list[RangeWriter], since: float = 0.0, until: float = float("inf")) -> int:
     return sum(w.writes(since, until) for w in writers)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=60)
 
 
 DISK_IMG_LIMITATION = pytest.mark.xfail(
@@ -95,7 +91,7 @@ def test_suspend_holds_one_node_while_the_other_goes_on(tmp_path: Path, how: str
                 w.wait_writes(20)
             t_s0 = time.monotonic()
             if how == "cli":
-                res = cli("suspend", str(mnt), "n-0")
+                res = dstfs("suspend", str(mnt), "n-0")
                 assert res.returncode == 0, res.stderr
             else:
                 assert ctl_write(mnt, "n-0", "suspend", value="1") == 0
@@ -117,7 +113,7 @@ def test_suspend_holds_one_node_while_the_other_goes_on(tmp_path: Path, how: str
                 ]
             finally:
                 if how == "cli":
-                    res = cli("resume", str(mnt), "n-0")
+                    res = dstfs("resume", str(mnt), "n-0")
                     assert res.returncode == 0, res.stderr
                 else:
                     assert ctl_write(mnt, "n-0", "suspend", value="0") == 0

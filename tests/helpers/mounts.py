@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from procs import DSTFS, need
+from helpers.procs import DSTFS, need
 
 PR_SET_CHILD_SUBREAPER = 36
 FUSECTL = Path("/sys/fs/fuse/connections")

@@ -1,5 +1,8 @@
 """Helpers to run real servers (dstfs serve, nbdkit, qemu-nbd, nbd-server) as
-child processes in tests, on free loopback ports, always stopped afterwards."""
+child processes in tests, on free loopback ports, always stopped afterwards,
+and the wrappers every test runs a program through (`run`, `output`, `sh`,
+`dstfs`): captured text output and a timeout, so a hung program fails its
+test instead of hanging the suite."""
 
 from __future__ import annotations
 
@@ -27,6 +30,28 @@ def need(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed")
     return path
+
+
+def run(*argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a program to completion, its output captured as text."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def output(*argv: str, timeout: float = 60.0) -> str:
+    """Run a program (skipped if not installed); its stdout
+    (CalledProcessError if it fails)."""
+    need(argv[0])
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def sh(script: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run `script` with bash (whose `echo` reports write(2)'s errno)."""
+    return run("bash", "-c", script, timeout=timeout)
+
+
+def dstfs(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the dstfs CLI of this checkout."""
+    return run(*DSTFS, *args, timeout=timeout)
 
 
 def free_port() -> int:
@@ -178,3 +203,33 @@ def nbdkit_proc(*plugin_args: str, **kw: object) -> Iterator[tuple[str, subproce
     argv = [exe, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *plugin_args]
     with running(argv, port, **kw) as proc:
         yield f"nbd://127.0.0.1:{port}", proc
+
+
+class Server:
+    """`dstfs serve PATH` on a fixed port, to kill (SIGKILL, its file kept)
+    and start again on the same port; its output goes to PATH.log."""
+
+    def __init__(self, path: Path, port: int, size: str = "64M") -> None:
+        self.argv = [*DSTFS, "serve", str(path), "--size", size, "--listen", f"127.0.0.1:{port}"]
+        self.port = port
+        self.uri = f"nbd://127.0.0.1:{port}"
+        self.log = path.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
+        wait_port(self.port, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mounts import abort_fuse
+from helpers.mounts import abort_fuse
 
 BLOCK = 64 * 1024
 MAGIC = b"dstfsBLK"
