@@ -188,7 +188,7 @@ def test_mount_with_chunk_for_linear_says_chunk_is_for_stripe(tmp_path: Path) ->
 def test_umount_returns_once_the_daemon_has_exited_even_if_not_yet_reaped(
     tmp_path: Path,
 ) -> None:
-    # Made the daemon's parent by PR_SET_CHILD_SUBREAPER (see mounts.py), this
+    # Made the daemon's parent by PR_SET_CHILD_SUBREAPER (see helpers/mounts.py), this
     # process does not reap it while `dstfs umount` runs: a non-reaping init.
     a = node_file(tmp_path)
     mnt = new_dir(tmp_path, "mnt")

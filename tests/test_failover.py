@@ -2,7 +2,7 @@
 
 A two-node linear array over `dstfs serve` nodes on fixed loopback ports;
 node 0's server is killed (SIGKILL, its file kept) and restarted on the same
-port. Writers use plain O_DIRECT pwrite/pread on disk.img (tests/load.py), so
+port. Writers use plain O_DIRECT pwrite/pread on disk.img (tests/helpers/load.py), so
 every error is one request's and reaches the test as it happened.
 
 - Back within the node's timeout (once the node shows `reconnecting`): no

@@ -2,7 +2,7 @@
 
 Two-node linear arrays mounted with `dstfs mount`. The load is either an
 ext4 filesystem on a loop device with a thread writing files of known
-sha256, or O_DIRECT block writers on the loop device (tests/load.py). After
+sha256, or O_DIRECT block writers on the loop device (tests/helpers/load.py). After
 a migration the old server is stopped before anything is checked, so every
 byte read back must come from the new target; remounts read through fresh
 loop devices, so nothing comes from a cache.

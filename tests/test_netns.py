@@ -1,4 +1,5 @@
-"""Tests for tests/netns.py with real programs: nbdkit in a node namespace, nbdinfo in the client.
+"""Tests for tests/helpers/netns.py with real programs: nbdkit in a node namespace, nbdinfo
+in the client.
 
 Network rule: only addresses inside namespaces created here are contacted.  Isolation from the
 host is shown without sending packets from the root namespace (its only route to 10.231.x.x is

@@ -1,7 +1,7 @@
 """Acceptance: the link to a node is cut and restored, under load.
 
 Each node server runs in its own network namespace, joined to a client
-namespace by a veth pair (tests/netns.py); the dstfs daemon runs in the
+namespace by a veth pair (tests/helpers/netns.py); the dstfs daemon runs in the
 client namespace (`nsenter --net` keeps the mount namespace, so the FUSE
 mount is ours as usual). Cutting a link drops packets silently: TCP only
 notices through TCP_USER_TIMEOUT/keepalive (about 5 s), and the node's

@@ -2,7 +2,7 @@
 
 Two-node linear arrays over `dstfs serve` nodes, mounted with `dstfs mount`.
 Writer threads hammer the array with O_DIRECT 64 KiB blocks on both nodes'
-ranges (tests/load.py) and record when each write completes; every block is
+ranges (tests/helpers/load.py) and record when each write completes; every block is
 read back at the end.
 
 The writers go through a loop device (`losetup --direct-io=on`): loop sends
