@@ -155,7 +155,7 @@ async def test_unix_socket_and_export_name(tmp_path: Path) -> None:
         info = json.loads(output("nbdinfo", "--json", uri))
         assert info["exports"][0]["export-size"] == 8 * MiB
         assert info["exports"][0]["export-name"] == "vol1"
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             async with open_client(uri) as c:
                 assert c.size == 8 * MiB
                 await c.pwrite(123, b"over a unix socket")
