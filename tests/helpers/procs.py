@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def wait_port(
-    port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0, host: str = "127.0.0.1"
+    port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0, host: str = "127.0.0.1"
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,7 +148,7 @@ def _tcp_listening(port: int) -> bool:
     return False
 
 
-def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
     """Wait until a TCP socket listens on `port`, without connecting to it
     (for servers such as `nbd-server -d` that take a probe for their one client)."""
     _poll(lambda: _tcp_listening(port), f"listening on port {port}", proc, timeout)
@@ -164,7 +164,7 @@ def _unix_listening(path: str) -> bool:
 
 
 def wait_unix(
-    path: str | Path, proc: subprocess.Popen | None = None, timeout: float = 10.0
+    path: str | Path, proc: subprocess.Popen | None = None, timeout: float = 60.0
 ) -> None:
     """Wait until a unix socket listens at `path`, without connecting to it."""
     _poll(lambda: _unix_listening(str(path)), f"listening on {path}", proc, timeout)
