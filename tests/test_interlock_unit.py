@@ -1,6 +1,7 @@
 """The migration write interlock, on trio's MockClock.
 
-One layer: dstfs/migrate.py's `MigrationFilter` over two small fake
+One layer: dstfs/migrate.py's `MigrationFilter` (and the RegionLock it
+shares with the mirror's resync, dstfs/interlock.py) over two small fake
 backends (old and new target) whose writes can be held. The copier's side
 is `claim(i)` / `release(i)`; the foreground's side is `pwrite` (and trim).
 What must hold (migrate.py's docstring):
@@ -21,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from dstfs.interlock import RegionLock
 from dstfs.migrate import MigrationFilter
 
 CHUNK = 64 * 1024
@@ -221,3 +223,47 @@ async def test_an_old_target_error_reaches_the_writer(
         await filt.pwrite(0, b"h" * 512)
     assert e.value.errno == errno.ENOSPC
     assert filt.error is None  # the new target did nothing wrong
+
+
+# -- the RegionLock itself (dstfs/interlock.py), shared by migration and resync
+
+
+@bounded
+async def test_region_lock_claim_waits_for_writers_and_holds_new_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lock = RegionLock()
+    async with trio.open_nursery() as nursery:
+        await lock.enter(range(2, 4))  # a writer inside regions 2 and 3
+        claim = Task(nursery, lock.claim, 3)
+        await trio.sleep(600)
+        assert not claim.done.is_set(), "claimed a region with a writer inside"
+        other = Task(nursery, lock.enter, range(0, 2))  # not region 3: goes in
+        await other.done.wait()
+        lock.leave(range(0, 2))
+        lock.leave(range(2, 4))
+        await claim.done.wait()
+        held = Task(nursery, lock.enter, range(3, 5))
+        await trio.sleep(600)
+        assert not held.done.is_set(), "a writer entered a region being copied"
+        lock.release(3)
+        await held.done.wait()
+        lock.leave(range(3, 5))
+    assert not lock.writers and not lock.copying
+
+
+@bounded
+async def test_region_lock_second_claimant_waits_its_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lock = RegionLock()
+    async with trio.open_nursery() as nursery:
+        await lock.claim(1)
+        second = Task(nursery, lock.claim, 1)
+        await trio.sleep(600)
+        assert not second.done.is_set()
+        lock.release(1)
+        await second.done.wait()
+        assert 1 in lock.copying
+        lock.release(1)
+    assert not lock.copying

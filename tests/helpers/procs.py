@@ -206,11 +206,22 @@ def nbdkit_proc(*plugin_args: str, **kw: object) -> Iterator[tuple[str, subproce
 
 
 class Server:
-    """`dstfs serve PATH` on a fixed port, to kill (SIGKILL, its file kept)
-    and start again on the same port; its output goes to PATH.log."""
+    """`dstfs serve PATH` on a fixed port (a free one by default), to kill
+    (SIGKILL, its file kept) and start again on the same port; its output
+    goes to PATH.log."""
 
-    def __init__(self, path: Path, port: int, size: str = "64M") -> None:
-        self.argv = [*DSTFS, "serve", str(path), "--size", size, "--listen", f"127.0.0.1:{port}"]
+    def __init__(self, path: Path, port: int | None = None, size: int | str = "64M") -> None:
+        port = port or free_port()
+        self.path = path
+        self.argv = [
+            *DSTFS,
+            "serve",
+            str(path),
+            "--size",
+            str(size),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ]
         self.port = port
         self.uri = f"nbd://127.0.0.1:{port}"
         self.log = path.with_suffix(".log")
