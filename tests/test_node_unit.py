@@ -165,9 +165,7 @@ async def test_suspend_waits_for_requests_in_flight_and_holds_new_ones(
             await t.done.wait()
             assert t.error is None
         assert node.state is State.ONLINE
-        # Every waiter went on. (Not necessarily in arrival order, which
-        # node.py's docstring claims: trio wakes an Event's waiters in an
-        # order it shuffles on purpose.)
+        # Every waiter went on (in no set order: trio wakes them as one batch).
         assert sorted(backend.requests) == [("w", 0), ("w", 512), ("w", 1024), ("w", 1536)]
         assert bytes(backend.data[512:2048]) == b"\1" * 512 + b"\2" * 512 + b"\3" * 512
         assert node.stats.writes == 4
