@@ -306,7 +306,7 @@ def test_nbdinfo_map_of_dstfs_serve_shows_holes_and_data(tmp_path: Path) -> None
     need("nbdinfo")
     path = _sparse_with_data(tmp_path / "sparse.img")
     with dstfs_server(path) as (uri, _):
-        out = run("nbdinfo", "--map", "--json", uri)
+        out = output("nbdinfo", "--map", "--json", uri)
     extents = json.loads(out)
     assert sum(e["length"] for e in extents) == 8 * MiB
     data = [(e["offset"], e["length"]) for e in extents if e["type"] == 0]
@@ -482,6 +482,6 @@ def test_conformance_with_libnbd(tmp_path: Path, case: str) -> None:
     if probe.returncode != 0:
         pytest.skip(f"libnbd Python bindings missing: {probe.stderr.decode().strip()}")
     with dstfs_server(tmp_path / "c.img", "64M") as (uri, proc):
-        out = json.loads(run(SYSTEM_PYTHON, "-c", CONFORMANCE_SCRIPT, uri, case))
+        out = json.loads(output(SYSTEM_PYTHON, "-c", CONFORMANCE_SCRIPT, uri, case))
         assert proc.poll() is None  # no client takes the server down
     assert out == {**CONFORMANCE[case], "then_read": 0}
