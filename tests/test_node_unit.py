@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 import dstfs.node as node_mod
-from dstfs.backends.base import ConnectionLost
+from dstfs.iotypes import ConnectionLost
 from dstfs.node import BACKOFF_MAX, BACKOFF_MIN, Node, State
 from dstfs.uri import parse_node
 
