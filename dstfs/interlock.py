@@ -8,8 +8,8 @@ repair and verify):
   claim returns once the writers already inside have left. So the copier
   reads a region no write is changing, and every write to it either landed
   before the copy read it or comes after the copy and goes to both sides.
-- A claim is always released (in a finally), and `wake_all()` lets every
-  waiting writer re-check (a failed migration stops copying at once).
+- A claim is always released (in a finally): writers wait for that, never
+  spin (a failed migration's copier releases its chunk as it stops).
 """
 
 from __future__ import annotations
@@ -55,8 +55,4 @@ class RegionLock:
     def release(self, region: int) -> None:
         ev = self.copying.pop(region, None)
         if ev is not None:
-            ev.set()
-
-    def wake_all(self) -> None:
-        for ev in self.copying.values():
             ev.set()

@@ -139,7 +139,6 @@ class MigrationFilter(BackendFilter):
         if self.error is None:
             self.error = reason
             log.error("%s: migration to %s failed: %s", self.name, self.new.name, reason)
-        self.lock.wake_all()
 
     async def claim(self, index: int) -> None:
         """Hold writers off chunk `index` and wait for those already on it."""

@@ -314,7 +314,7 @@ class Node:
         self.stats.errors += 1
         if self._lost is None and not self._failed:
             self._lost = str(exc)
-            self._lost_since = time.monotonic()
+            self._lost_since = trio.current_time()
             log.warning("%s: connection lost (%s); reconnecting", self.name, exc)
             self._update_gate()
         if not self._reconnecting:
@@ -327,7 +327,7 @@ class Node:
             while self._lost is not None:
                 limit = CONNECT_TIMEOUT
                 if not self._failed and self.timeout > 0:
-                    left = self._lost_since + self.timeout - time.monotonic()
+                    left = self._lost_since + self.timeout - trio.current_time()
                     if left <= 0:
                         self._fail()
                     else:
@@ -372,7 +372,7 @@ class Node:
             self.name,
             how,
             " (was failed)" if was_failed else "",
-            time.monotonic() - self._lost_since,
+            trio.current_time() - self._lost_since,
         )
         self._update_gate()
 

@@ -27,7 +27,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
 @pytest.fixture(scope="session", autouse=True)
 def _stale_namespaces() -> None:
     try:
-        from netns import remove_stale_namespaces
+        from helpers.netns import remove_stale_namespaces
 
         remove_stale_namespaces()
     except Exception:  # no ip(8) or no privilege: the netns tests will say so

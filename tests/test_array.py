@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from procs import free_port
+from helpers.patterns import word_pattern as pattern
+from helpers.procs import free_port
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
@@ -27,13 +28,6 @@ from dstfs.nbd.server import Export, NbdServer
 from dstfs.uri import NodeSpec
 
 KiB = 1024
-
-
-def pattern(tag: int, offset: int, length: int) -> bytes:
-    """Bytes [offset, offset+length) of node `tag`'s initial content."""
-    first, last = offset // 8, (offset + length + 7) // 8
-    words = struct.pack(f"<{last - first}Q", *((tag << 48) | (8 * i) for i in range(first, last)))
-    return words[offset - 8 * first :][:length]
 
 
 class PatternBackend(BackendBase):
@@ -192,7 +186,7 @@ async def test_extents_of_one_request_run_concurrently(
     barrier: tuple[list[int], int, trio.Event] = ([], 3, trio.Event())
     for b in backends:
         b.barrier = barrier
-    with trio.fail_after(5):  # one extent after another would wait for ever
+    with trio.fail_after(30):  # one extent after another would wait for ever
         data = await array.read(0, END)
     assert sorted(barrier[0]) == [1, 2, 3]
     assert bytes(data) == bytes(linear_image(backends))

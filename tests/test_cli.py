@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mounts import (
+from helpers.mounts import (
     _subreaper,
     daemon_pid,
     is_mounted,
@@ -23,13 +23,9 @@ from mounts import (
     new_dir,
     teardown,
 )
-from procs import DSTFS, free_port
+from helpers.procs import dstfs, free_port
 
 MiB = 1 << 20
-
-
-def dstfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def one_line(res: subprocess.CompletedProcess) -> str:
@@ -192,7 +188,7 @@ def test_mount_with_chunk_for_linear_says_chunk_is_for_stripe(tmp_path: Path) ->
 def test_umount_returns_once_the_daemon_has_exited_even_if_not_yet_reaped(
     tmp_path: Path,
 ) -> None:
-    # Made the daemon's parent by PR_SET_CHILD_SUBREAPER (see mounts.py), this
+    # Made the daemon's parent by PR_SET_CHILD_SUBREAPER (see helpers/mounts.py), this
     # process does not reap it while `dstfs umount` runs: a non-reaping init.
     a = node_file(tmp_path)
     mnt = new_dir(tmp_path, "mnt")
@@ -205,9 +201,16 @@ def test_umount_returns_once_the_daemon_has_exited_even_if_not_yet_reaped(
         finally:
             _subreaper(False)
         pid = daemon_pid(mnt)
-        assert dstfs("umount", str(mnt), timeout=3).returncode == 0
+        assert pid is not None
+        # Waiting for the pid to vanish, umount would wait its whole 60 s
+        # and then fail: it must return 0 well before that.
+        res = dstfs("umount", str(mnt), timeout=45)
+        assert res.returncode == 0, res.stderr
+        # And the daemon had exited without being reaped: the case under test.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        assert stat.rpartition(")")[2].split()[0] == "Z", stat
     finally:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while pid is not None and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0]:

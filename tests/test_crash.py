@@ -13,14 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from mounts import _registry, daemon_pid, is_mounted, loop, loops_over, mounted, mountinfo
-from procs import DSTFS, need
+from helpers.mounts import _registry, daemon_pid, is_mounted, loop, loops_over, mounted, mountinfo
+from helpers.procs import dstfs, need, run
 
 MiB = 1 << 20
-
-
-def dstfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def one_line(res: subprocess.CompletedProcess) -> str:
@@ -103,9 +99,6 @@ def test_the_readme_recovery_procedure_brings_back_ext4(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     payload = os.urandom(3 * MiB)
-
-    def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
 
     with mounted(tmp_path, nodes=[f"file://{node}"], state=state) as mnt:
         disk = mnt / "disk.img"

@@ -21,11 +21,10 @@ import hashlib
 import os
 import random
 import re
-import subprocess
 from pathlib import Path
 
-from mounts import ext4, loop, mounted
-from procs import dstfs_serve, nbdkit, need
+from helpers.mounts import ext4, loop, mounted
+from helpers.procs import dstfs_serve, nbdkit, need, run
 
 MiB = 1 << 20
 NODE = 96 * MiB
@@ -39,10 +38,6 @@ BLOCK = 4096
 def file_chunk(k: int, j: int) -> bytes:
     """Chunk j of file k: random, and the same every time it is asked for."""
     return random.Random(f"{k}/{j}").randbytes(CHUNK)
-
-
-def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
 def physical_blocks(path: Path) -> list[int]:

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from procs import dstfs_server, free_port, nbdkit, need, running, wait_listening, wait_unix
+from helpers.procs import (
+    dstfs_server,
+    free_port,
+    nbdkit,
+    need,
+    output,
+    running,
+    wait_listening,
+    wait_unix,
+)
 
 from dstfs.backends import nbd as nbd_backend
 from dstfs.backends.nbd import NbdBackend
@@ -26,12 +35,6 @@ from dstfs.uri import parse_uri
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def run(*argv: str, timeout: float = 60) -> str:
-    """Run a program to completion; its stdout (CalledProcessError on failure)."""
-    need(argv[0])
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
 def random_file(path: Path, size: int = SIZE) -> bytes:
@@ -46,14 +49,14 @@ def random_file(path: Path, size: int = SIZE) -> bytes:
 def test_nbdinfo(tmp_path: Path) -> None:
     need("nbdinfo")
     with dstfs_server(tmp_path / "d.img", "64M") as (uri, proc):
-        info = json.loads(run("nbdinfo", "--json", uri))
+        info = json.loads(output("nbdinfo", "--json", uri))
         (export,) = info["exports"]
         assert export["export-size"] == SIZE
         for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"):
             assert export[flag] is True, flag
         assert export["is_read_only"] is False
         assert info["protocol"] == "newstyle-fixed"
-        text = run("nbdinfo", uri)
+        text = output("nbdinfo", uri)
         assert "can_multi_conn: true" in text and f"export-size: {SIZE}" in text
     assert proc.returncode == 0  # SIGTERM is a clean stop
 
@@ -64,12 +67,12 @@ def test_nbdinfo_list_and_read_only(tmp_path: Path) -> None:
     random_file(path, 4 * MiB)
     with dstfs_server(path, export="disk", extra=["--read-only"]) as (uri, _):
         base = uri.rsplit("/", 1)[0]
-        listed = json.loads(run("nbdinfo", "--list", "--json", base))
+        listed = json.loads(output("nbdinfo", "--list", "--json", base))
         assert [e["export-name"] for e in listed["exports"]] == ["disk"]
         (export,) = listed["exports"]
         assert export["export-size"] == 4 * MiB and export["is_read_only"] is True
         assert export["can_trim"] is False and export["can_zero"] is False
-        assert "disk" in run("nbdinfo", "--list", base)
+        assert "disk" in output("nbdinfo", "--list", base)
         # A name the server does not have is refused.
         bad = subprocess.run(["nbdinfo", base + "/nope"], capture_output=True, timeout=30)
         assert bad.returncode != 0
@@ -80,8 +83,8 @@ def test_nbdcopy_in_and_out(tmp_path: Path) -> None:
     src, exported, out = tmp_path / "src.bin", tmp_path / "export.img", tmp_path / "out.bin"
     data = random_file(src)
     with dstfs_server(exported, "64M") as (uri, _):
-        run("nbdcopy", str(src), uri)
-        run("nbdcopy", uri, str(out))
+        output("nbdcopy", str(src), uri)
+        output("nbdcopy", uri, str(out))
     assert out.read_bytes() == data
     assert exported.read_bytes() == data
 
@@ -91,13 +94,13 @@ def test_qemu_img_convert_both_ways(tmp_path: Path) -> None:
     src, exported = tmp_path / "src.bin", tmp_path / "export.img"
     data = random_file(src)
     with dstfs_server(exported, "64M") as (uri, _):
-        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri)
+        output("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri)
         assert exported.read_bytes() == data
         out = tmp_path / "out.raw"
-        run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+        output("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
         assert out.read_bytes() == data
-        run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(src))
-        info = json.loads(run("qemu-img", "info", "--output=json", uri))
+        output("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(src))
+        info = json.loads(output("qemu-img", "info", "--output=json", uri))
         assert info["virtual-size"] == SIZE
 
 
@@ -139,7 +142,7 @@ def test_libnbd_python_aio(tmp_path: Path) -> None:
     data = random_file(pattern, 32 * MiB)
     exported = tmp_path / "export.img"
     with dstfs_server(exported, "32M") as (uri, _):
-        out = run(SYSTEM_PYTHON, "-c", LIBNBD_SCRIPT, uri, str(pattern))
+        out = output(SYSTEM_PYTHON, "-c", LIBNBD_SCRIPT, uri, str(pattern))
     assert out.strip() == "ok 32"
     assert exported.read_bytes() == bytes(1 * MiB) + data[1 * MiB :]
 
@@ -149,10 +152,10 @@ async def test_unix_socket_and_export_name(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
     with dstfs_server(tmp_path / "d.img", "8M", export="vol1", unix=sock) as (uri, _):
         assert uri == f"nbd+unix:///vol1?socket={sock}"
-        info = json.loads(run("nbdinfo", "--json", uri))
+        info = json.loads(output("nbdinfo", "--json", uri))
         assert info["exports"][0]["export-size"] == 8 * MiB
         assert info["exports"][0]["export-name"] == "vol1"
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             async with open_client(uri) as c:
                 assert c.size == 8 * MiB
                 await c.pwrite(123, b"over a unix socket")
@@ -303,7 +306,7 @@ def test_nbdinfo_map_of_dstfs_serve_shows_holes_and_data(tmp_path: Path) -> None
     need("nbdinfo")
     path = _sparse_with_data(tmp_path / "sparse.img")
     with dstfs_server(path) as (uri, _):
-        out = run("nbdinfo", "--map", "--json", uri)
+        out = output("nbdinfo", "--map", "--json", uri)
     extents = json.loads(out)
     assert sum(e["length"] for e in extents) == 8 * MiB
     data = [(e["offset"], e["length"]) for e in extents if e["type"] == 0]
@@ -479,6 +482,6 @@ def test_conformance_with_libnbd(tmp_path: Path, case: str) -> None:
     if probe.returncode != 0:
         pytest.skip(f"libnbd Python bindings missing: {probe.stderr.decode().strip()}")
     with dstfs_server(tmp_path / "c.img", "64M") as (uri, proc):
-        out = json.loads(run(SYSTEM_PYTHON, "-c", CONFORMANCE_SCRIPT, uri, case))
+        out = json.loads(output(SYSTEM_PYTHON, "-c", CONFORMANCE_SCRIPT, uri, case))
         assert proc.poll() is None  # no client takes the server down
     assert out == {**CONFORMANCE[case], "then_read": 0}

@@ -25,8 +25,8 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from mounts import MountFailed, _run, ext4, loop, mounted
-from procs import need
+from helpers.mounts import MountFailed, _run, ext4, loop, mounted
+from helpers.procs import need
 
 import dstfs.backends.registry as registry
 import dstfs.members as members

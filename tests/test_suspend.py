@@ -2,7 +2,7 @@
 
 Two-node linear arrays over `dstfs serve` nodes, mounted with `dstfs mount`.
 Writer threads hammer the array with O_DIRECT 64 KiB blocks on both nodes'
-ranges (tests/load.py) and record when each write completes; every block is
+ranges (tests/helpers/load.py) and record when each write completes; every block is
 read back at the end.
 
 The writers go through a loop device (`losetup --direct-io=on`): loop sends
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from load import (
+from helpers.load import (
     RangeWriter,
     ctl,
     ctl_write,
@@ -35,15 +35,17 @@ from load import (
     watchdog,
     writing,
 )
-from mounts import loop, mounted
-from procs import DSTFS, dstfs_serve, nbdkit, need
+from helpers.mounts import loop, mounted
+from helpers.procs import dstfs, dstfs_serve, nbdkit, need
 
 MiB = 1 << 20
 NODE = 64 * MiB
+#: The least a suspend is held: it is held until node 1 has made progress
+#: too, which takes longer on a busy machine (a longer hold only makes the
+#: checks stronger).
 HOLD = 2.0
-# A write drained by the suspend is answered just before the suspend is, but
-# its thread may note the time a moment after ours: ignore that moment.
-SLACK = 0.5
+#: Writes node 1 must complete while node 0 is suspended.
+PROGRESS = 20
 
 
 def node_writers(disk: Path, readback: bool = True) -> tuple[list[RangeWriter], list[RangeWriter]]:
@@ -56,10 +58,6 @@ def node_writers(disk: Path, readback: bool = True) -> tuple[list[RangeWriter], 
 
 def total(writers: list[RangeWriter], since: float = 0.0, until: float = float("inf")) -> int:
     return sum(w.writes(since, until) for w in writers)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DSTFS, *args], capture_output=True, text=True, timeout=60)
 
 
 DISK_IMG_LIMITATION = pytest.mark.xfail(
@@ -83,7 +81,7 @@ def test_suspend_holds_one_node_while_the_other_goes_on(tmp_path: Path, how: str
         dstfs_serve(tmp_path / "a.img", "64M") as u0,
         dstfs_serve(tmp_path / "b.img", "64M") as u1,
         mounted(tmp_path, [u0, u1]) as mnt,
-        watchdog(mnt, 60),
+        watchdog(mnt, 180),
         loop(mnt / "disk.img") as dev,
     ):
         disk = mnt / "disk.img" if on == "disk.img" else Path(dev)
@@ -95,7 +93,7 @@ def test_suspend_holds_one_node_while_the_other_goes_on(tmp_path: Path, how: str
                 w.wait_writes(20)
             t_s0 = time.monotonic()
             if how == "cli":
-                res = cli("suspend", str(mnt), "n-0")
+                res = dstfs("suspend", str(mnt), "n-0")
                 assert res.returncode == 0, res.stderr
             else:
                 assert ctl_write(mnt, "n-0", "suspend", value="1") == 0
@@ -107,27 +105,36 @@ def test_suspend_holds_one_node_while_the_other_goes_on(tmp_path: Path, how: str
                 assert ctl(mnt, "n-0", "state") == "suspended"
                 assert ctl(mnt, "n-0", "suspend") == "1"
                 assert ctl(mnt, "n-131072", "state") == "online"
-                time.sleep(HOLD)
-                assert stats(mnt, "n-0")["writes"] == acked
+                # Hold until node 1 has gone on (and at least HOLD s). On
+                # disk.img it stalls (the xfail): give up sooner there.
+                wait_for(
+                    lambda: total(w1, t_s1) >= PROGRESS and time.monotonic() > t_s1 + HOLD,
+                    f"{PROGRESS} writes on node 1 while node 0 is suspended",
+                    10 if on == "disk.img" else 45,
+                )
                 t_r0 = time.monotonic()
+                assert stats(mnt, "n-0")["writes"] == acked
+                assert ctl(mnt, "n-0", "state") == "suspended"
                 during = total(w1, t_s1, t_r0)
-                held = total(w0, t_s1 + SLACK, t_r0)
-                started_after = [
-                    op for w in w0 for op in list(w.ops) if t_s1 < op.t0 and op.t1 < t_r0
-                ]
+                # Each writer had at most one request in flight, drained by
+                # the suspend (its thread may note the end a moment after
+                # our t_s1): nothing else of node 0's may have ended since.
+                ended = {w.label: [op for op in list(w.ops) if t_s1 <= op.t1 < t_r0] for w in w0}
             finally:
                 if how == "cli":
-                    res = cli("resume", str(mnt), "n-0")
+                    res = dstfs("resume", str(mnt), "n-0")
                     assert res.returncode == 0, res.stderr
                 else:
                     assert ctl_write(mnt, "n-0", "suspend", value="0") == 0
-            print(f"while suspended: node 1 completed {during} writes, node 0 {held}")
-            assert during > 10, "node 1 stalled while node 0 was suspended"
-            assert held == 0, "node 0 completed writes while suspended"
-            assert not started_after, f"node 0 answered while suspended: {started_after[:3]}"
+            print(f"while suspended: node 1 completed {during} writes")
+            assert during >= PROGRESS, "node 1 stalled while node 0 was suspended"
+            for label, ops in ended.items():
+                assert len(ops) <= 1, f"{label}: node 0 answered while suspended: {ops[:3]}"
+                assert all(op.t0 < t_s1 for op in ops), f"{label}: answered while suspended: {ops}"
             assert ctl(mnt, "n-0", "state") == "online"
             for w in w0:
                 w.wait_writes(20, since=t_r0)
+            assert stats(mnt, "n-0")["writes"] > acked
         for w in (*w0, *w1):
             assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
         assert verify_blocks(disk, [*w0, *w1]) == []
@@ -143,7 +150,7 @@ def test_target_repointing_with_nbdcopy(tmp_path: Path) -> None:
         dstfs_serve(tmp_path / "small.img", "32M") as small,
     ):
         new_port = new.rsplit(":", 1)[1]
-        with mounted(tmp_path, [old, u1], state=state) as mnt, watchdog(mnt, 60):
+        with mounted(tmp_path, [old, u1], state=state) as mnt, watchdog(mnt, 180):
             disk = mnt / "disk.img"
             w0, w1 = node_writers(disk)
             with writing(*w0, *w1):
@@ -172,7 +179,7 @@ def test_target_repointing_with_nbdcopy(tmp_path: Path) -> None:
                 assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
             assert verify_blocks(disk, [*w0, *w1]) == []
         # The old server is no longer needed: stop it before the remount.
-        with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 60):
+        with mounted(tmp_path, state=state) as mnt, watchdog(mnt, 180):
             assert ctl(mnt, "n-0", "type") == f"R: 127.0.0.1:{new_port}"
             assert verify_blocks(mnt / "disk.img", [*w0, *w1]) == []
 
@@ -183,7 +190,7 @@ def test_control_refusals(tmp_path: Path) -> None:
         nbdkit("memory", "16M") as u1,
         nbdkit("memory", "8M") as small,
         mounted(tmp_path, [u0, u1]) as mnt,
-        watchdog(mnt, 60),
+        watchdog(mnt, 180),
     ):
         for garbage in ("2", "yes", "-1", "1 1", ""):
             assert ctl_write(mnt, "n-0", "suspend", value=garbage) == errno.EINVAL, garbage
@@ -197,7 +204,7 @@ def test_control_refusals(tmp_path: Path) -> None:
             assert ctl(mnt, "n-0", "target").rstrip("/") == u0
         finally:
             assert ctl_write(mnt, "n-0", "suspend", value="0") == 0
-        wait_for(lambda: ctl(mnt, "n-0", "state") == "online", "n-0 online", 5)
+        wait_for(lambda: ctl(mnt, "n-0", "state") == "online", "n-0 online", 60)
 
 
 def test_fsync_parked_on_a_suspended_node_survives_repointing(tmp_path: Path) -> None:
@@ -209,7 +216,7 @@ def test_fsync_parked_on_a_suspended_node_survives_repointing(tmp_path: Path) ->
         nbdkit("memory", "16M") as u1,
         nbdkit("memory", "16M") as new,
         mounted(tmp_path, [u0, u1]) as mnt,
-        watchdog(mnt, 60),
+        watchdog(mnt, 180),
     ):
         n1 = sorted((p.name for p in mnt.glob("n-*")), key=lambda n: int(n[2:]))[1]
         fd = os.open(mnt / "disk.img", os.O_RDWR)
@@ -229,13 +236,13 @@ def test_fsync_parked_on_a_suspended_node_survives_repointing(tmp_path: Path) ->
                 flushes = stats(mnt, n1)["flushes"]
                 syncer.start()
                 # Node 1 has flushed: the array's flush is under way, node 0's waits.
-                wait_for(lambda: stats(mnt, n1)["flushes"] > flushes, f"{n1} flushed", 10)
+                wait_for(lambda: stats(mnt, n1)["flushes"] > flushes, f"{n1} flushed", 60)
                 assert syncer.is_alive()
                 assert ctl_write(mnt, "n-0", "target", value=new) == 0
             finally:
                 assert ctl_write(mnt, "n-0", "suspend", value="0") == 0
-            syncer.join(5)
-            assert not syncer.is_alive(), "fsync still waiting 5 s after resume"
+            syncer.join(60)
+            assert not syncer.is_alive(), "fsync still waiting 60 s after resume"
             assert result == ["ok"]
             assert stats(mnt, "n-0")["flushes"] >= 1
         finally:

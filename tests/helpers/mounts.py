@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from procs import DSTFS, need
+from helpers.procs import DSTFS, need
 
 PR_SET_CHILD_SUBREAPER = 36
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -176,7 +176,7 @@ def teardown(mnt: Path, pid: int | None = None, patience: float = 20.0) -> None:
             _unstack(mnt, patience)
             time.sleep(0.1)
     if pid is not None:
-        deadline = time.monotonic() + (10 if ok else 1)
+        deadline = time.monotonic() + (30 if ok else 1)
         while is_daemon_of(pid, mnt) and time.monotonic() < deadline:
             time.sleep(0.02)
         if is_daemon_of(pid, mnt):

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mounts import abort_fuse
+from helpers.mounts import abort_fuse
 
 BLOCK = 64 * 1024
 MAGIC = b"dstfsBLK"
@@ -165,7 +165,7 @@ class RangeWriter(threading.Thread):
     def errors(self, since: float = 0.0, until: float = float("inf")) -> list[Op]:
         return [op for op in list(self.ops) if op.err and since <= op.t1 < until]
 
-    def wait_writes(self, n: int, since: float = 0.0, timeout: float = 20.0) -> None:
+    def wait_writes(self, n: int, since: float = 0.0, timeout: float = 60.0) -> None:
         """Wait until `n` writes succeeded after `since`."""
         wait_for(lambda: self.writes(since) >= n, f"{n} writes on {self.label}", timeout)
 
@@ -323,7 +323,7 @@ def stats(mnt: Path, node: str) -> dict[str, float]:
     return {k: float(v) for k, v in (ln.split() for ln in ctl(mnt, node, "stats").splitlines())}
 
 
-def wait_for(cond: Callable[[], object], what: str, timeout: float = 20.0, step: float = 0.02):
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 60.0, step: float = 0.02):
     """Poll `cond` until it is true; its value, or AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -335,7 +335,7 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 20.0, step:
         time.sleep(step)
 
 
-def wait_state(mnt: Path, node: str, state: str, timeout: float = 20.0) -> None:
+def wait_state(mnt: Path, node: str, state: str, timeout: float = 60.0) -> None:
     wait_for(lambda: ctl(mnt, node, "state") == state, f"{node} {state}", timeout)
 
 
@@ -348,28 +348,40 @@ def outage_within_timeout(
     writers: Sequence[RangeWriter],
     down: Callable[[], None],
     up: Callable[[], None],
-    outage: float,
+    noticed: bool = True,
+    outage: float = 0.0,
+    timeout: int = 300,
 ) -> set[str]:
-    """Take `node` away for `outage` seconds (less than its timeout) under
-    load, bring it back: no writer may see an error, and every writer must
-    complete writes afterwards. Returns the states `node` showed meanwhile."""
+    """Take `node` away under load and bring it back, within its timeout
+    (set to `timeout` s for the outage, far beyond what a busy machine
+    needs, and restored after): no writer may see an error, and every
+    writer must complete writes afterwards. The outage lasts until the node
+    shows `reconnecting` (with `noticed`; a cut link may only be noticed
+    seconds later) and at least `outage` s (more only makes it longer).
+    Returns the states `node` showed meanwhile."""
+    before = ctl(mnt, node, "timeout")
+    assert ctl_write(mnt, node, "timeout", value=str(timeout)) == 0
     for w in writers:
-        w.wait_writes(20)
+        w.wait_writes(20, timeout=60)
+    states: set[str] = set()
+
+    def away() -> bool:
+        states.add(ctl(mnt, node, "state"))
+        return (not noticed or "reconnecting" in states) and time.monotonic() >= t_down + outage
+
     down()
     t_down = time.monotonic()
-    states = set()
     try:
-        while time.monotonic() < t_down + outage:
-            states.add(ctl(mnt, node, "state"))
-            time.sleep(0.05)
+        wait_for(away, f"{node} reconnecting", 60, step=0.05)
     finally:
         up()
-    wait_state(mnt, node, "online", 30)
+    wait_state(mnt, node, "online", 60)
     t_up = time.monotonic()
     for w in writers:
-        w.wait_writes(20, since=t_up)
+        w.wait_writes(20, since=t_up, timeout=60)
     for w in writers:
         assert not w.errors(), f"{w.label}: {w.errors()[:3]}"
+    assert ctl_write(mnt, node, "timeout", value=before) == 0
     return states
 
 
@@ -381,22 +393,29 @@ def outage_past_timeout(
     down: Callable[[], None],
     up: Callable[[], None],
     timeout: int,
-    hold: float = 2.0,
+    hold: int = 20,
 ) -> None:
     """Set `node`'s timeout, take it away until it is `failed`, and hold it
-    down: its range gets EIO (and nothing else), the other ranges go on. Bring
-    it back: `online` again and its range works within seconds."""
+    down until its range has got EIO for reads and writes and each other
+    range has completed `hold` writes since: the lost range gets EIO and
+    nothing else, the other ranges go on. Bring it back: `online` again and
+    its range works again."""
     assert ctl_write(mnt, node, "timeout", value=str(timeout)) == 0
     assert ctl(mnt, node, "timeout") == str(timeout)
     failures = stats(mnt, node)["failures"]
     for w in (lost, *others):
-        w.wait_writes(20)
+        w.wait_writes(20, timeout=60)
     t_down = time.monotonic()
     down()
     try:
-        wait_state(mnt, node, "failed", timeout + 30)
+        wait_state(mnt, node, "failed", timeout + 60)
         t_failed = time.monotonic()
-        time.sleep(hold)
+
+        def held() -> bool:
+            kinds = {op.kind for op in lost.errors(t_failed)}
+            return kinds == {"w", "r"} and all(w.writes(t_failed) >= hold for w in others)
+
+        wait_for(held, f"EIO on {lost.label} and {hold} writes on the others", 60)
         t_hold = time.monotonic()
     finally:
         up()
@@ -405,11 +424,11 @@ def outage_past_timeout(
     assert {op.kind for op in eio} == {"w", "r"}, f"{lost.label}: {eio[:3]} while failed"
     assert lost.writes(t_failed, t_hold) == 0
     for w in others:
-        assert w.writes(t_failed, t_hold) > 10, f"{w.label} stalled while {node} was failed"
-    wait_state(mnt, node, "online", 30)
+        assert w.writes(t_failed, t_hold) >= hold, f"{w.label} stalled while {node} was failed"
+    wait_state(mnt, node, "online", 60)
     t_up = time.monotonic()
     print(f"{node}: online {t_up - t_hold:.1f} s after it came back")
-    lost.wait_writes(20, since=t_up, timeout=15)
+    lost.wait_writes(20, since=t_up, timeout=60)
     assert stats(mnt, node)["failures"] >= failures + 1
     errs = lost.errors()
     assert {op.err for op in errs} == {errno.EIO}, errs[:3]

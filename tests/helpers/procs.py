@@ -1,5 +1,8 @@
 """Helpers to run real servers (dstfs serve, nbdkit, qemu-nbd, nbd-server) as
-child processes in tests, on free loopback ports, always stopped afterwards."""
+child processes in tests, on free loopback ports, always stopped afterwards,
+and the wrappers every test runs a program through (`run`, `output`, `sh`,
+`dstfs`): captured text output and a timeout, so a hung program fails its
+test instead of hanging the suite."""
 
 from __future__ import annotations
 
@@ -29,6 +32,28 @@ def need(tool: str) -> str:
     return path
 
 
+def run(*argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a program to completion, its output captured as text."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def output(*argv: str, timeout: float = 60.0) -> str:
+    """Run a program (skipped if not installed); its stdout
+    (CalledProcessError if it fails)."""
+    need(argv[0])
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def sh(script: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run `script` with bash (whose `echo` reports write(2)'s errno)."""
+    return run("bash", "-c", script, timeout=timeout)
+
+
+def dstfs(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the dstfs CLI of this checkout."""
+    return run(*DSTFS, *args, timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +61,7 @@ def free_port() -> int:
 
 
 def wait_port(
-    port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0, host: str = "127.0.0.1"
+    port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0, host: str = "127.0.0.1"
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -123,7 +148,7 @@ def _tcp_listening(port: int) -> bool:
     return False
 
 
-def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
     """Wait until a TCP socket listens on `port`, without connecting to it
     (for servers such as `nbd-server -d` that take a probe for their one client)."""
     _poll(lambda: _tcp_listening(port), f"listening on port {port}", proc, timeout)
@@ -139,7 +164,7 @@ def _unix_listening(path: str) -> bool:
 
 
 def wait_unix(
-    path: str | Path, proc: subprocess.Popen | None = None, timeout: float = 10.0
+    path: str | Path, proc: subprocess.Popen | None = None, timeout: float = 60.0
 ) -> None:
     """Wait until a unix socket listens at `path`, without connecting to it."""
     _poll(lambda: _unix_listening(str(path)), f"listening on {path}", proc, timeout)
@@ -178,3 +203,44 @@ def nbdkit_proc(*plugin_args: str, **kw: object) -> Iterator[tuple[str, subproce
     argv = [exe, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *plugin_args]
     with running(argv, port, **kw) as proc:
         yield f"nbd://127.0.0.1:{port}", proc
+
+
+class Server:
+    """`dstfs serve PATH` on a fixed port (a free one by default), to kill
+    (SIGKILL, its file kept) and start again on the same port; its output
+    goes to PATH.log."""
+
+    def __init__(self, path: Path, port: int | None = None, size: int | str = "64M") -> None:
+        port = port or free_port()
+        self.path = path
+        self.argv = [
+            *DSTFS,
+            "serve",
+            str(path),
+            "--size",
+            str(size),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ]
+        self.port = port
+        self.uri = f"nbd://127.0.0.1:{port}"
+        self.log = path.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
+        wait_port(self.port, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)

@@ -1,0 +1,170 @@
+"""The report: aligned text tables and the JSON of a run. Pure: figures in,
+text and dicts out (medians, min-max spreads, ratios to the anchor row), so
+it is tested with fixed inputs (tests/test_bench_report.py)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from .config import ANCHOR, JOBS, Job
+from .extras import Measure
+from .processes import one_line
+from .rows import Row
+
+
+def summary(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt_value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def fmt_ratio(v: float | None, ref: float | None) -> str:
+    return "-" if v is None or not ref else f"{v / ref:.2f}x"
+
+
+def short_error(text: str, limit: int = 44) -> str:
+    text = one_line(text)
+    return "error: " + (text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def render(headers: list[str], body: list[list[str] | str], left: Sequence[int] = (0,)) -> str:
+    """Aligned plain-text table: columns in ``left`` are left-aligned, the others right-aligned.
+
+    A str entry in ``body`` is ``"name\tmessage"``: the name, then the message across the row.
+    """
+    widths = [len(h) for h in headers]
+    for line in body:
+        if isinstance(line, list):
+            widths = [max(w, len(c)) for w, c in zip(widths, line, strict=True)]
+        else:
+            widths[0] = max(widths[0], len(line.split("\t", 1)[0]))
+
+    def fmt(cells: list[str]) -> str:
+        out = [
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    for line in body:
+        if isinstance(line, list):
+            lines.append(fmt(line))
+        else:
+            name, msg = line.split("\t", 1)
+            lines.append(name.ljust(widths[0]) + "  " + msg)
+    return "\n".join(lines)
+
+
+def row_cell(row: Row, job: Job) -> str:
+    if row.job_errors.get(job.key) and not row.samples.get(job.key):
+        return short_error(row.job_errors[job.key][-1], 20)
+    if row.error and not row.samples.get(job.key):
+        return "error"
+    v = summary(row.values(job))["median"]
+    mark = "*" if row.job_errors.get(job.key) else ""
+    return fmt_value(v) + mark
+
+
+def main_tables(rows: list[Row]) -> str:
+    anchor = next((r for r in rows if r.spec.key == ANCHOR), None)
+    headers = ["row"]
+    for job in JOBS:
+        headers += [f"{job.title} {job.unit}", "ratio"]
+    headers.append("RSS MiB")
+    body: list[list[str] | str] = []
+    spread: list[list[str] | str] = []
+    for row in rows:
+        if row.error and not any(row.samples.values()):
+            body.append(f"{row.spec.name}\t{short_error(row.error, 90)}")
+            spread.append(f"{row.spec.name}\terror")
+            continue
+        cells, sp = [row.spec.name], [row.spec.name]
+        for job in JOBS:
+            med = summary(row.values(job))["median"]
+            ref = summary(anchor.values(job))["median"] if anchor else None
+            cells += [row_cell(row, job), fmt_ratio(med, ref)]
+            s = summary(row.values(job))
+            sp.append("-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}")
+        rss = row.daemon_rss if row.spec.dstfs else None
+        cells.append("-" if rss is None else f"{rss:.0f}")
+        body.append(cells)
+        spread.append(sp)
+    spread_headers = ["spread (min-max)"] + [f"{j.title} {j.unit}" for j in JOBS]
+    return render(headers, body) + "\n\n" + render(spread_headers, spread)
+
+
+def extras_table(ms: dict[str, Measure]) -> str:
+    headers = ["measurement", "MB/s", "min-max", "n", "ratio", "ratio to"]
+    body: list[list[str] | str] = []
+    for m in ms.values():
+        s = summary(m.samples)
+        if not m.samples and m.errors:
+            body.append(f"{m.title}\t{short_error(m.errors[-1], 90)}")
+            continue
+        ref = ms[m.ratio_to] if m.ratio_to else None
+        ref_med = summary(ref.samples)["median"] if ref else None
+        body.append(
+            [
+                m.title,
+                fmt_value(s["median"]) + ("*" if m.errors else ""),
+                "-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}",
+                str(len(m.samples)),
+                fmt_ratio(s["median"], ref_med) if ref else "",
+                ref.title if ref else "",
+            ]
+        )
+    return render(headers, body, left=(0, 5))
+
+
+def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
+    anchor = next((r for r in rows if r.spec.key == ANCHOR), None)
+    out = []
+    for row in rows:
+        jobs = {}
+        for job in JOBS:
+            s = summary(row.values(job))
+            ref = summary(anchor.values(job))["median"] if anchor else None
+            jobs[job.key] = {
+                "title": job.title,
+                "unit": job.unit,
+                **s,
+                "ratio_to_nbdfuse": s["median"] / ref if s["median"] is not None and ref else None,
+                "samples": row.samples.get(job.key, []),
+                "errors": row.job_errors.get(job.key, []),
+            }
+        out.append(
+            {
+                "key": row.spec.key,
+                "name": row.spec.name,
+                "error": row.error,
+                "setup": row.setup,
+                "peak_rss_mib": row.peak_rss_mib,
+                "daemon_peak_rss_mib": row.daemon_rss,
+                "jobs": jobs,
+            }
+        )
+    return out
+
+
+def extras_json(ms: dict[str, Measure]) -> dict[str, Any]:
+    out = {}
+    for m in ms.values():
+        s = summary(m.samples)
+        ref = summary(ms[m.ratio_to].samples)["median"] if m.ratio_to else None
+        out[m.key] = {
+            "title": m.title,
+            "unit": m.unit,
+            **s,
+            "ratio_to": m.ratio_to,
+            "ratio": s["median"] / ref if s["median"] is not None and ref else None,
+            "samples": m.details,
+            "errors": m.errors,
+        }
+    return out

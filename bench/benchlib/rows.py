@@ -1,0 +1,162 @@
+"""The main rows: each a disk file behind a loop device (dstfs, nbdfuse, the
+pyfuse3 no-op, tmpfs), set up once and kept mounted, and every fio job run on
+every live row interleaved, so drift on a shared machine hits all rows alike."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import (
+    FILL_JOB,
+    JOBS,
+    NOOP_FS,
+    REPO_DIR,
+    SLOW_NODE_RATE,
+    BenchError,
+    BenchTimeout,
+    Job,
+    RowSpec,
+    describe,
+)
+from .fio import run_fio
+from .processes import Env, Proc, safe, vm_hwm_mib
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Row:
+    spec: RowSpec
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    dev: str | None = None
+    procs: list[Proc] = field(default_factory=list)
+    daemon: Proc | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    job_errors: dict[str, list[str]] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
+
+    def values(self, job: Job) -> list[float]:
+        return [s["value"] for s in self.samples.get(job.key, [])]
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            p.check()
+
+    def record_rss(self) -> None:
+        for p in self.procs:
+            if p.alive():
+                self.peak_rss_mib[p.name] = vm_hwm_mib(p.pid)
+
+    @property
+    def daemon_rss(self) -> float | None:
+        return self.peak_rss_mib.get(self.daemon.name) if self.daemon else None
+
+
+def setup_row(env: Env, row: Row) -> None:
+    """Start the row's servers and mount, attach the loop device, fill the disk once."""
+    cfg, key, st = env.cfg, row.spec.key, row.stack
+    mnt = cfg.workdir / f"mnt-{key}"
+    if row.spec.dstfs:
+        env.require_dstfs()
+        uris = []
+        for i in range(2):
+            name = f"{key}-n{i}"
+            if key == "linear-serve":
+                uri, p = env.dstfs_serve(st, name, cfg.tmpfs / f"{name}.img", cfg.node_size)
+            else:
+                rate = SLOW_NODE_RATE if key.endswith("-slow") else None
+                uri, p = env.nbdkit_memory(st, name, cfg.node_size, rate)
+            row.procs.append(p)
+            uris.append(uri)
+        alg = "stripe" if key.startswith("stripe") else "linear"
+        mnt, row.daemon = env.dstfs_mount(st, key, alg, uris)
+        row.procs.append(row.daemon)
+        disk = mnt / "disk.img"
+    elif key == "nbdfuse":
+        uri, p = env.nbdkit_memory(st, f"{key}-node", cfg.disk_size)
+        row.procs.append(p)
+        disk = mnt / "nbd"
+        row.daemon = env.mount_fuse(st, "nbdfuse", ["nbdfuse", str(mnt), uri], mnt, disk)
+        row.procs.append(row.daemon)
+    elif key == "noop":
+        argv = [noop_python(), str(NOOP_FS), str(mnt), str(cfg.disk_size)]
+        disk = mnt / "disk.img"
+        row.daemon = env.mount_fuse(st, "noop_fs", argv, mnt, disk)
+        row.procs.append(row.daemon)
+    elif key == "tmpfs":
+        disk = cfg.tmpfs / "loop-tmpfs.img"
+        with open(disk, "wb") as f:
+            f.truncate(cfg.disk_size)
+        st.callback(safe(f"remove {disk}", disk.unlink, True))
+    else:
+        raise BenchError(f"unknown row {key}")
+    # Teardown runs in reverse: detach loop, read peak RSS, unmount, stop servers.
+    st.callback(row.record_rss)
+    row.dev, dio = env.attach_loop(st, disk)
+    row.setup.update(
+        disk=str(disk),
+        disk_bytes=disk.stat().st_size,
+        loop=row.dev,
+        loop_dio=dio,
+        procs=[p.info() for p in row.procs],
+    )
+    log.info("%s: %s on %s (dio=%s), filling", row.spec.name, disk, row.dev, dio)
+    row.setup["fill"] = run_fio(env.cfg, row.dev, FILL_JOB, runtime=None)
+    log.info("%s: first write %.0f MB/s", row.spec.name, row.setup["fill"]["value"])
+
+
+def run_rows(env: Env, rows: list[Row]) -> None:
+    """Run every job on every live row, interleaved: job J on A, B, C, ... ``repeat`` times."""
+    cfg = env.cfg
+    for job in JOBS:
+        for rep in range(cfg.repeat):
+            for row in rows:
+                if row.error or row.dev is None:
+                    continue
+                try:
+                    row.check_alive()
+                except BenchError as e:
+                    row.error = str(e)
+                    log.error("%s: %s", row.spec.name, e)
+                    continue
+                try:
+                    if job.reads:
+                        env.drop_caches()
+                    sample = run_fio(env.cfg, row.dev, job, cfg.runtime, ramp=cfg.ramp)
+                except Exception as e:
+                    log.error("%s %s #%d: %s", row.spec.name, job.key, rep + 1, describe(e))
+                    row.job_errors.setdefault(job.key, []).append(describe(e))
+                    if isinstance(e, BenchTimeout):
+                        row.error = f"given up: {e}"
+                        continue
+                    try:
+                        row.check_alive()
+                    except BenchError as dead:
+                        row.error = str(dead)
+                    continue
+                sample["t"] = time.time()
+                row.samples.setdefault(job.key, []).append(sample)
+                log.info(
+                    "%-20s %-10s #%d %10.0f %s",
+                    row.spec.name,
+                    job.key,
+                    rep + 1,
+                    sample["value"],
+                    job.unit,
+                )
+
+
+def noop_python() -> str:
+    """A Python that can import pyfuse3 and trio: this one, else the repository's venv."""
+    if importlib.util.find_spec("pyfuse3") and importlib.util.find_spec("trio"):
+        return sys.executable
+    venv = REPO_DIR / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable

@@ -1,0 +1,133 @@
+"""bench/benchlib/report.py with fixed inputs: the tables bench/run prints
+(medians, min-max spreads, ratios to the nbdfuse row, error cells, the
+daemon's RSS) and the JSON it writes, down to the character."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from benchlib.config import JOBS, ROW_SPECS
+from benchlib.extras import Measure
+from benchlib.report import (
+    extras_json,
+    extras_table,
+    fmt_ratio,
+    main_tables,
+    render,
+    rows_json,
+    summary,
+)
+from benchlib.rows import Row
+
+SPEC = {s.key: s for s in ROW_SPECS}
+
+
+def row(key: str, values: dict[str, list[float]], **kw: object) -> Row:
+    r = Row(SPEC[key], **kw)  # type: ignore[arg-type]
+    r.samples = {k: [{"value": v} for v in vs] for k, vs in values.items()}
+    return r
+
+
+def rows() -> list[Row]:
+    anchor = row(
+        "nbdfuse",
+        {"seqwrite": [100, 300, 200], "seqread": [400], "randwrite": [1000], "randread": [2000]},
+    )
+    linear = row(
+        "linear-nbdkit",
+        {"seqwrite": [50, 150, 100], "seqread": [800], "randwrite": [500], "randread": [3000]},
+        peak_rss_mib={"linear-nbdkit": 61.4},
+    )
+    linear.daemon = type("P", (), {"name": "linear-nbdkit"})()  # only its name is read
+    linear.job_errors = {"randread": ["fio randread rc=1: boom"]}
+    broken = row("stripe-nbdkit", {}, error="nbdkit exited rc=1: cannot bind")
+    half = row("tmpfs", {"seqwrite": [10]})
+    half.job_errors = {"seqread": ["fio seqread timed out after 31s"]}
+    return [linear, broken, half, anchor]
+
+
+def test_summary_and_ratio() -> None:
+    assert summary([3, 1, 2]) == {"median": 2, "min": 1, "max": 3}
+    assert summary([]) == {"median": None, "min": None, "max": None}
+    assert fmt_ratio(150, 100) == "1.50x"
+    assert fmt_ratio(None, 100) == fmt_ratio(1, None) == fmt_ratio(1, 0) == "-"
+
+
+def test_render_aligns_and_spans_messages() -> None:
+    text = render(
+        ["row", "a", "b"], [["x", "1", "22"], "long name\terror: it broke", ["yy", "333", "4"]]
+    )
+    assert text.splitlines() == [
+        "row          a   b",
+        "---------  ---  --",
+        "x            1  22",
+        "long name  error: it broke",
+        "yy         333   4",
+    ]
+
+
+def test_main_tables() -> None:
+    assert [j.key for j in JOBS] == ["seqwrite", "seqread", "randwrite", "randread"]
+    assert main_tables(rows()).splitlines() == [
+        "row                  seq write MB/s  ratio                seq read MB/s  ratio"
+        "  rand write IOPS  ratio  rand read IOPS  ratio  RSS MiB",
+        "-------------------  --------------  -----  ---------------------------  -----"
+        "  ---------------  -----  --------------  -----  -------",
+        "dstfs linear/nbdkit             100  0.50x                          800  2.00x"
+        "              500  0.50x           3000*  1.50x       61",
+        "dstfs stripe/nbdkit  error: nbdkit exited rc=1: cannot bind",
+        "loop/tmpfs                       10  0.05x  error: fio seqread timed...      -"
+        "                -      -               -      -        -",
+        "nbdfuse/nbdkit                  200  1.00x                          400  1.00x"
+        "             1000  1.00x            2000  1.00x        -",
+        "",
+        "spread (min-max)     seq write MB/s  seq read MB/s  rand write IOPS  rand read IOPS",
+        "-------------------  --------------  -------------  ---------------  --------------",
+        "dstfs linear/nbdkit          50-150        800-800          500-500       3000-3000",
+        "dstfs stripe/nbdkit  error",
+        "loop/tmpfs                    10-10              -                -               -",
+        "nbdfuse/nbdkit              100-300        400-400        1000-1000       2000-2000",
+    ]
+
+
+def test_rows_json_ratios_and_errors() -> None:
+    out = {r["key"]: r for r in rows_json(rows())}
+    lin = out["linear-nbdkit"]["jobs"]
+    assert lin["seqwrite"]["median"] == 100
+    assert lin["seqwrite"]["ratio_to_nbdfuse"] == pytest.approx(0.5)
+    assert lin["randread"]["ratio_to_nbdfuse"] == pytest.approx(1.5)
+    assert lin["randread"]["errors"] == ["fio randread rc=1: boom"]
+    assert out["linear-nbdkit"]["daemon_peak_rss_mib"] == 61.4
+    assert out["stripe-nbdkit"]["error"] == "nbdkit exited rc=1: cannot bind"
+    assert out["stripe-nbdkit"]["jobs"]["seqread"]["ratio_to_nbdfuse"] is None
+    assert out["nbdfuse"]["jobs"]["seqread"]["ratio_to_nbdfuse"] == 1.0
+
+
+def extras() -> dict[str, Measure]:
+    ms = [
+        Measure("mig-idle", "migration copy, idle", samples=[200.0, 100.0, 300.0]),
+        Measure("mig-load", "migration copy, under load", ratio_to="mig-idle", samples=[50.0]),
+        Measure("copy", "nbdcopy read", errors=["nbdcopy rc=1: refused"]),
+    ]
+    ms[1].errors.append("one run failed")
+    return {m.key: m for m in ms}
+
+
+def test_extras_table_and_json() -> None:
+    ms = extras()
+    assert extras_table(ms).splitlines() == [
+        "measurement                 MB/s  min-max  n  ratio  ratio to",
+        "--------------------------  ----  -------  -  -----  --------------------",
+        "migration copy, idle         200  100-300  3",
+        "migration copy, under load   50*    50-50  1  0.25x  migration copy, idle",
+        "nbdcopy read                error: nbdcopy rc=1: refused",
+    ]
+    out = extras_json(ms)
+    assert out["mig-load"]["ratio"] == pytest.approx(0.25)
+    assert out["mig-idle"]["ratio"] is None
+    assert out["copy"]["median"] is None and out["copy"]["errors"] == ["nbdcopy rc=1: refused"]
