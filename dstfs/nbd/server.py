@@ -125,6 +125,16 @@ class NbdServer:
         #: WRITE payload buffers, shared by every connection (bounded memory).
         self.pool = PayloadPool(cap=payload_memory)
         self._memory_freed = trio.Event()
+        #: Connections waiting for payload memory, served first come first.
+        self._memory_queue = trio.StrictFIFOLock()
+        self.memory_waiters = 0
+
+    def take_buffer(self, n: int) -> memoryview | None:
+        """A payload buffer now, or None: the pool is full, or others wait
+        (a newcomer does not overtake them)."""
+        if self.memory_waiters and n > self.pool.small:
+            return None
+        return self.pool.take(n)
 
     def give_buffer(self, buf: memoryview, reuse: bool) -> None:
         """A payload buffer is done with: back to the pool, and wake the
@@ -134,10 +144,15 @@ class NbdServer:
 
     async def wait_memory(self, n: int) -> memoryview:
         """A payload buffer of n bytes, once the pool can grant one."""
-        while (buf := self.pool.take(n)) is None:
-            if self._memory_freed.is_set():
-                self._memory_freed = trio.Event()
-            await self._memory_freed.wait()
+        self.memory_waiters += 1
+        try:
+            async with self._memory_queue:
+                while (buf := self.pool.take(n)) is None:
+                    if self._memory_freed.is_set():
+                        self._memory_freed = trio.Event()
+                    await self._memory_freed.wait()
+        finally:
+            self.memory_waiters -= 1
         return buf
 
     def block_sizes(self, export: Export) -> tuple[int, int, int]:
@@ -309,7 +324,7 @@ class _Session:
         self.server = server
         self.io = io
         self.conn = P.ServerConnection()
-        self.conn.alloc = server.pool.take
+        self.conn.alloc = server.take_buffer
         self.export: Export | None = None
         self.durable_slots = trio.Semaphore(MAX_DURABLE)
         #: The export SET_META_CONTEXT named, and the base:allocation id it selected.
