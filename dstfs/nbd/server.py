@@ -8,11 +8,21 @@ Rules:
 - The one metadata context is `base:allocation`, offered for a backend that
   can report block status (a file: SEEK_DATA/SEEK_HOLE); NBD_CMD_BLOCK_STATUS
   is answered with one final BLOCK_STATUS chunk covering a prefix of the range.
-- Requests are served in order as they are decoded, so a connection buffers
-  at most one request (<= MAX_PAYLOAD) however fast the client sends; FLUSH
-  and FUA writes, which wait on the disk, run as their own tasks so reads
-  and writes behind them go on. Replies may thus leave out of order. On
-  NBD_CMD_DISC every reply still owed is sent before the connection closes.
+- Requests are handled in the order they arrive, one at a time, so a
+  connection buffers at most one request (<= MAX_PAYLOAD) however fast the
+  client sends; FLUSH and FUA writes, which wait on the disk, run as their
+  own tasks so reads and writes behind them go on. Replies may thus leave
+  out of order. On NBD_CMD_DISC every reply still owed is sent before the
+  connection closes.
+- What a READ shows: a WRITE (TRIM, WRITE_ZEROES) is in the file before the
+  next request is handled, and a READ of a file is answered with
+  sendfile(2), which reads the file when the reply is sent. So a READ shows
+  every WRITE that arrived before it on this connection (acknowledged or
+  not) and every WRITE acknowledged on any connection before it arrived;
+  it may also show a WRITE that arrived after it while its reply waited to
+  be sent. Both were in flight together, and the spec lets a server answer
+  overlapping requests in flight in any order; a client that needs the old
+  bytes waits for the READ's reply before it writes.
 - A request the server will not do (past the end: ENOSPC for WRITE, EINVAL
   otherwise; too big; flags not valid for the command; on a read-only
   export; unknown command) gets an NBD error reply; a protocol violation
@@ -559,8 +569,8 @@ class _Session:
                 data = backend.file_slice(req.offset, req.length)
                 if data is None:
                     data = await backend.pread(req.offset, req.length)
-                # A file slice is read when sent: a write processed meanwhile
-                # was in flight together with this read, so either is right.
+                # A file slice is read when sent: it may show a write that
+                # arrived after this read (see the module's rules).
                 self.io.send_soon(
                     self.conn.read_data_header(req.cookie, req.offset, req.length), data
                 )
