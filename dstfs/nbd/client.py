@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import outcome
 import trio
@@ -45,6 +46,7 @@ from dstfs.nbd.transport import connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
+E = TypeVar("E")
 
 #: Bytes one NBD_CMD_BLOCK_STATUS asks about at most (its length is 32 bits).
 MAX_BLOCK_STATUS = 1 << 31
@@ -104,6 +106,8 @@ class NbdClient:
         #: The id of base:allocation, when this connection selected it.
         self.meta_id: int | None = None
         self._chunks: dict[int, list[tuple[int, int]] | OSError] = {}
+        #: Cookies of requests whose callers gave up before the reply.
+        self._abandoned: set[int] = set()
         #: Set once the server answered NBD_ESHUTDOWN: the soft disconnect runs.
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
@@ -137,6 +141,9 @@ class NbdClient:
         io = SocketIO(transport, peer)
         try:
             conn, info, meta = await _handshake(io, spec.export, block_status)
+        except P.ProtocolError as e:
+            io.close()
+            raise NbdError(errno.EPROTO, f"{spec.uri}: not an NBD server we can use: {e}") from None
         except BaseException:
             io.close()
             raise
@@ -201,6 +208,12 @@ class NbdClient:
         try:
             return await waiter.wait()
         finally:
+            if waiter.result is None:
+                # Given up before the reply (cancelled): the reply may still
+                # come; it is not a stray, and its data is not ours to place.
+                self._abandoned.add(cookie)
+                if cmd == P.Cmd.READ:
+                    self.conn.forget_read(cookie)
             self._forget(cookie)
 
     def _forget(self, cookie: int) -> None:
@@ -383,8 +396,18 @@ class NbdClient:
             self._nursery.start_soon(self._disconnect)
         return ConnectionLost(f"{self.name}: server is shutting down (NBD_ESHUTDOWN)")
 
+    def _stray(self, cookie: int) -> None:
+        """A reply nobody waits for: fine for a request given up, else the
+        server answers what was never asked (a protocol error)."""
+        if cookie in self._abandoned:
+            self._abandoned.discard(cookie)
+            return
+        raise P.ProtocolError(f"reply for cookie {cookie}, which no request has")
+
     def _chunk(self, ev: P.StructuredChunk) -> None:
         """One structured reply chunk (block status connections only)."""
+        if ev.cookie not in self._pending and ev.cookie not in self._abandoned:
+            raise P.ProtocolError(f"reply chunk for cookie {ev.cookie}, which no request has")
         got = self._chunks.get(ev.cookie)
         if ev.type == P.ReplyType.BLOCK_STATUS:
             context, extents = P.decode_block_status_payload(ev.payload)
@@ -409,7 +432,7 @@ class NbdClient:
             result = self._chunks.pop(ev.cookie, None)
             waiter = self._pending.get(ev.cookie)
             if waiter is None:
-                log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+                self._stray(ev.cookie)
             elif isinstance(result, OSError):
                 waiter.set(outcome.Error(result))
             elif not result:
@@ -432,7 +455,7 @@ class NbdClient:
                         raise P.ProtocolError(f"unexpected {type(ev).__name__} from server")
                     waiter = pending.get(ev.cookie)
                     if waiter is None:
-                        log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+                        self._stray(ev.cookie)
                         continue
                     if ev.error:
                         err = P.nbd_to_errno(ev.error)
@@ -442,7 +465,13 @@ class NbdClient:
                         waiter.set(outcome.Error(OSError(err, f"{self.name}: {os.strerror(err)}")))
                     else:
                         waiter.set(outcome.Value(ev.data))
-        except (OSError, P.ProtocolError, trio.ClosedResourceError) as e:
+        except P.ProtocolError as e:
+            # Nothing more from this server can be trusted: drop the
+            # connection; the node reconnects (or fails) as for any loss.
+            log.error("%s: protocol error from the server, disconnecting: %s", self.name, e)
+            self._lose(f"protocol error: {e}")
+            io.close()
+        except (OSError, trio.ClosedResourceError) as e:
             if not self._closed:
                 log.warning("%s: connection lost: %s", self.name, e)
             self._lose(str(e) or type(e).__name__)
@@ -499,6 +528,13 @@ async def _recv_event(io: SocketIO, conn: P.ClientConnection) -> object:
     return ev
 
 
+async def _expect(io: SocketIO, conn: P.ClientConnection, kind: type[E]) -> E:
+    ev = await _recv_event(io, conn)
+    if not isinstance(ev, kind):
+        raise P.ProtocolError(f"{type(ev).__name__} from the server, not {kind.__name__}")
+    return ev
+
+
 async def _option(
     io: SocketIO, conn: P.ClientConnection, opt: int, data: bytes
 ) -> list[P.OptionReply]:
@@ -506,8 +542,7 @@ async def _option(
     await io.send_all(conn.option(opt, data))
     replies = []
     while True:
-        ev = await _recv_event(io, conn)
-        assert isinstance(ev, P.OptionReply)
+        ev = await _expect(io, conn, P.OptionReply)
         replies.append(ev)
         if ev.rep not in (P.Rep.SERVER, P.Rep.INFO, P.Rep.META_CONTEXT):
             return replies
@@ -539,8 +574,7 @@ async def _handshake(
     io: SocketIO, export: str, block_status: bool = False
 ) -> tuple[P.ClientConnection, P.ExportInfo, int | None]:
     conn = P.ClientConnection()
-    greeting = await _recv_event(io, conn)
-    assert isinstance(greeting, P.ServerGreeting)
+    greeting = await _expect(io, conn, P.ServerGreeting)
     if not greeting.flags & P.HandshakeFlag.FIXED_NEWSTYLE:
         raise NbdError(errno.EPROTO, f"{io.peer}: server does not offer fixed newstyle")
     flags = P.ClientFlag.FIXED_NEWSTYLE
@@ -551,8 +585,7 @@ async def _handshake(
     await io.send_all(conn.option(P.Opt.GO, P.encode_go_data(export, (P.Info.BLOCK_SIZE,))))
     info: P.ExportInfo | None = None
     while True:
-        ev = await _recv_event(io, conn)
-        assert isinstance(ev, P.OptionReply)
+        ev = await _expect(io, conn, P.OptionReply)
         if ev.rep == P.Rep.INFO:
             info = P.apply_info(info, ev.data)
         elif ev.rep == P.Rep.ACK:
@@ -570,8 +603,7 @@ async def _handshake(
             err = errno.ENOENT if ev.rep == P.Rep.ERR_UNKNOWN else errno.EPROTO
             raise NbdError(err, f"{io.peer}: export {export!r} refused: {rep} {msg}".strip())
     await io.send_all(conn.option(P.Opt.EXPORT_NAME, export.encode()))
-    ev = await _recv_event(io, conn)
-    assert isinstance(ev, P.ExportNameReply)
+    ev = await _expect(io, conn, P.ExportNameReply)
     return conn, P.ExportInfo(size=ev.size, flags=ev.flags), meta
 
 

@@ -889,6 +889,20 @@ class ClientConnection(_Decoder):
             self.phase = _Phase.CLOSED
         return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
+    def forget_read(self, cookie: int) -> None:
+        """The caller of READ `cookie` gave up: its data, if it still comes,
+        goes to a scratch buffer, never into the caller's buffers."""
+        wanted = self._reads.get(cookie)
+        if type(wanted) is list:
+            self._reads[cookie] = sum(len(v) for v in wanted)
+        elif (
+            wanted is None
+            and self._segs is not None  # being received into the caller's views now
+            and self._reply is not None
+            and self._reply[0] == cookie
+        ):
+            self._segs = [memoryview(bytearray(len(v))) for v in self._segs]
+
     # -- decoding
 
     def next_event(
@@ -983,6 +997,8 @@ class ClientConnection(_Decoder):
                 self._start_scatter(wanted)  # type: ignore[arg-type]
             return self._next_reply()
         if magic == STRUCTURED_REPLY_MAGIC:
+            if not self.structured_replies:
+                raise ProtocolError("structured reply, but structured replies were not negotiated")
             if len(buf) - pos < 20:
                 return None
             _, flags, rtype, cookie, length = _STRUCTURED.unpack_from(buf, pos)
