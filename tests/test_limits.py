@@ -250,3 +250,27 @@ def test_serve_flags_are_checked() -> None:
         with pytest.raises(SystemExit) as e:
             main(["serve", "/nonexistent", *argv])
         assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- the pool itself
+
+
+def test_payload_pool_classes_cap_and_trim() -> None:
+    from dstfs.iotypes import PayloadPool
+
+    pool = PayloadPool(cap=64 * MiB, small=1 * MiB, idle=1.0)
+    a = pool.take(20 * MiB)  # class 32 MiB
+    b = pool.take(17 * MiB)
+    assert a is not None and b is not None and len(a) == 20 * MiB
+    assert pool.reserved == 64 * MiB
+    assert pool.take(2 * MiB) is None  # over the cap: wait
+    small = pool.take(1 * MiB)  # never refused
+    assert small is not None and pool.reserved == 64 * MiB
+    pool.give(a)
+    c = pool.take(30 * MiB)  # the free 32 MiB buffer serves it
+    assert c is not None and pool.mapped == 64 * MiB + 1 * MiB
+    for buf in (b, c, small):
+        pool.give(buf)
+    assert pool.reserved == 0
+    assert pool.trim(now=time.monotonic()) == 0  # not idle long enough
+    assert pool.trim(now=time.monotonic() + 2) == 65 * MiB and pool.mapped == 0
