@@ -273,15 +273,13 @@ class Node:
             try:
                 # Not for a flush (its time is the server's disk's), nor for
                 # storage that cannot reconnect (a local file).
-                if self.timeout > 0 and what != "flush" and hasattr(backend, "reconnect"):
+                if self.timeout > 0 and what != "flush" and backend.can_reconnect:
                     with trio.move_on_after(self.timeout) as deadline:
                         result = await fn(backend)
                     if deadline.cancelled_caught:
                         # No answer in the node's time (a dead or trickling
-                        # server): its connection goes, like a broken one.
-                        abort = getattr(backend, "abort", None)
-                        if abort is not None:
-                            abort()
+                        # server): handled like a broken connection, which
+                        # the reconnect replaces (the backend drops the old).
                         raise ConnectionLost(f"no answer to {what} within {self.timeout:g} s")
                 else:
                     result = await fn(backend)

@@ -166,10 +166,10 @@ class NbdServer:
         return buf
 
     def block_sizes(self, export: Export) -> tuple[int, int, int]:
-        """NBD_INFO_BLOCK_SIZE of `export`: any alignment, the backend's
-        preferred size (at least 4096), our payload limit."""
-        preferred = getattr(export.backend, "preferred_block", PREFERRED_BLOCK)
-        return 1, max(PREFERRED_BLOCK, preferred), P.MAX_PAYLOAD
+        """NBD_INFO_BLOCK_SIZE of `export`: any alignment (a file or block
+        device takes bytes), 4096 preferred (a page: no read-modify-write
+        in the page cache), our payload limit."""
+        return 1, PREFERRED_BLOCK, P.MAX_PAYLOAD
 
     def find(self, name: str) -> Export | None:
         if name == "":
