@@ -54,11 +54,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 unix=args.unix,
                 export=args.export,
                 read_only=args.read_only,
+                max_connections=args.max_connections,
+                handshake_timeout=args.handshake_timeout,
             )
         )
     except OSError as e:
         raise CliError(f"cannot serve {args.path}: {e}") from None
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"wants a number of seconds above 0, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", default="", metavar="NAME", help="export name (default: empty)")
     s.add_argument("--size", help="create a sparse file of this size if PATH is missing (1G, 512M)")
     s.add_argument("--read-only", action="store_true", help="refuse writes")
+    s.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="clients served at once; more are closed at once (default 256)",
+    )
+    s.add_argument(
+        "--handshake-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a client that has not finished the handshake by then (default 10)",
+    )
     s.set_defaults(func=cmd_serve)
 
     commands.add_parsers(sub)

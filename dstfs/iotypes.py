@@ -11,7 +11,10 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
+import time
 from collections.abc import Awaitable, Callable
 
 Buffer = bytes | bytearray | memoryview
@@ -64,6 +67,85 @@ class BufferPool:
             free = self._free.setdefault(n, [])
             if len(free) < self.keep:
                 free.append(buf)
+
+
+class PayloadPool:
+    """Request payload buffers with a cap on the memory they may commit.
+
+    Buffers are anonymous mappings rounded up to a power of two (a size
+    class, from `min_class`): the kernel commits a page only once data is
+    received into it, so a WRITE header whose payload never comes costs no
+    memory, and a free buffer serves any request of its class. `take(n)`
+    hands out a view of exactly n bytes, or None when the buffers out
+    already reserve `cap` bytes (the caller waits for a `give`; one buffer
+    is always granted, so any single request can proceed). Requests up to
+    `small` bytes are never refused: a connection holds one at a time, so
+    they are bounded by the connection limit, and a normal client is served
+    while large payloads wait. Free buffers idle for `idle` seconds are
+    unmapped by `trim()`, which gives their memory back to the system."""
+
+    def __init__(
+        self,
+        cap: int = 256 << 20,
+        small: int = 1 << 20,
+        min_class: int = 64 << 10,
+        keep: int = 4,
+        idle: float = 2.0,
+    ) -> None:
+        self.cap, self.small, self.min_class = cap, small, min_class
+        self.keep, self.idle = keep, idle
+        #: Bytes reserved by large buffers handed out and not given back.
+        self.reserved = 0
+        #: Mapped bytes of every buffer out or free (what may be committed).
+        self.mapped = 0
+        self._free: dict[int, list[tuple[float, mmap.mmap]]] = {}
+
+    def size_class(self, n: int) -> int:
+        return max(self.min_class, 1 << (n - 1).bit_length())
+
+    def take(self, n: int) -> memoryview | None:
+        cls = self.size_class(n)
+        large = n > self.small
+        if large and self.reserved and self.reserved + cls > self.cap:
+            return None
+        free = self._free.get(cls)
+        if free:
+            buf = free.pop()[1]
+        else:
+            buf = mmap.mmap(-1, cls)
+            self.mapped += cls
+        if large:
+            self.reserved += cls
+        return memoryview(buf)[:n]
+
+    def give(self, view: memoryview, reuse: bool = True) -> None:
+        """Return a buffer from `take`; with `reuse`, nothing refers to it
+        any more and it may be handed out again."""
+        buf = view.obj
+        assert isinstance(buf, mmap.mmap)
+        cls, n = len(buf), len(view)
+        with contextlib.suppress(BufferError):
+            view.release()
+        if n > self.small:
+            self.reserved -= cls
+        free = self._free.setdefault(cls, [])
+        if reuse and len(free) < self.keep:
+            free.append((time.monotonic(), buf))
+        else:
+            self.mapped -= cls  # unmapped once the last reference goes
+
+    def trim(self, now: float | None = None) -> int:
+        """Unmap free buffers idle for `idle` seconds; the bytes freed."""
+        now = time.monotonic() if now is None else now
+        freed = 0
+        for free in self._free.values():
+            while free and now - free[0][0] >= self.idle:
+                buf = free.pop(0)[1]
+                freed += len(buf)
+                with contextlib.suppress(BufferError):  # else unmapped when unreferenced
+                    buf.close()
+        self.mapped -= freed
+        return freed
 
 
 def scatter(data: Buffer, views: list[memoryview]) -> None:

@@ -10,6 +10,10 @@ Rules:
   at the gate and is sent again once the connection is back. Writes are
   idempotent, so resending one that may have landed is safe.
 - Any other OSError is the storage's answer and goes to the caller.
+- A request to a remote node not answered within the node's timeout (a
+  server that stopped answering, or trickles its reply) is a lost
+  connection: the connection is dropped and the request waits for the
+  reconnect like any other. FLUSH is exempt: it takes what the disk takes.
 - `suspend()` closes the gate and returns once the requests already past it
   have drained; `resume()` reopens it and the waiters proceed together, in
   no promised order (trio wakes them as one batch): like any requests in
@@ -265,8 +269,20 @@ class Node:
                 await self._pass_gate()
             self._inflight += 1
             t0 = time.perf_counter_ns()
+            backend = self.backend
             try:
-                result = await fn(self.backend)
+                # Not for a flush (its time is the server's disk's), nor for
+                # storage that cannot reconnect (a local file).
+                if self.timeout > 0 and what != "flush" and backend.can_reconnect:
+                    with trio.move_on_after(self.timeout) as deadline:
+                        result = await fn(backend)
+                    if deadline.cancelled_caught:
+                        # No answer in the node's time (a dead or trickling
+                        # server): handled like a broken connection, which
+                        # the reconnect replaces (the backend drops the old).
+                        raise ConnectionLost(f"no answer to {what} within {self.timeout:g} s")
+                else:
+                    result = await fn(backend)
             except ConnectionLost as e:
                 self._connection_lost(e)
                 if not self.hold:

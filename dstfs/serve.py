@@ -45,9 +45,15 @@ async def run_server(
     unix: str | None,
     export: str,
     read_only: bool,
+    max_connections: int = 256,
+    handshake_timeout: float = 10.0,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    server = NbdServer([Export(export, backend, read_only=read_only)])
+    server = NbdServer(
+        [Export(export, backend, read_only=read_only)],
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+    )
     try:
         async with trio.open_nursery() as nursery:
             if unix is not None:

@@ -128,6 +128,7 @@ async def test_suspend_waits_for_requests_in_flight_and_holds_new_ones(
     backend = FakeBackend()
     async with trio.open_nursery() as nursery:
         node = make_node(nursery, backend)
+        node.timeout = 0  # a slow answer, not a lost one: no reply deadline
         backend.hold = trio.Event()
         inflight = Task(nursery, node.write, 0, b"a" * 512)
         await trio.testing.wait_all_tasks_blocked()

@@ -33,7 +33,7 @@ from dstfs.nbd.client import NbdClient, open_client
 from dstfs.nbd.server import Export, NbdServer
 
 KiB, MiB = 1024, 1024 * 1024
-SIZE = 64 * MiB  # sparse; large enough that a 33 MiB request is not past the end
+SIZE = 128 * MiB  # sparse; large enough that a 65 MiB request is not past the end
 RO_SIZE = 1 * MiB
 
 # -- the protocol, from the spec
@@ -275,7 +275,7 @@ async def test_greeting_and_go(srv: Srv) -> None:
     assert info[INFO_NAME] == b""
     assert info[INFO_DESCRIPTION] == b"the disk"
     minimum, preferred, maximum = struct.unpack(">III", info[INFO_BLOCK_SIZE])
-    assert minimum == 1 and preferred in (512, 4096) and maximum >= 1 * MiB
+    assert (minimum, preferred, maximum) == (1, 4096, 64 * MiB)  # nbdkit's limit
     assert await r.call(CMD_READ, 0, 4096) == (0, bytes(4096))
     await r.request(CMD_DISC, 1)
     assert await r.until_closed() == b""
@@ -589,10 +589,20 @@ async def test_oversized_export_name_disconnects(srv: Srv) -> None:
         assert await r.until_closed() == b""
 
 
-async def test_write_over_32_mib_is_refused_and_discarded(srv: Srv) -> None:
+async def test_writes_and_reads_up_to_64_mib(srv: Srv) -> None:
+    """The advertised maximum payload is served (it was 32 MiB)."""
     async with bystander(srv):
         r = await srv.raw()
-        length = 33 * MiB
+        data = random.randbytes(1 * MiB) * 48
+        assert await r.call(CMD_WRITE, 1 * MiB, data=data) == (0, b"")
+        assert file_bytes(srv.path, 1 * MiB, len(data)) == data
+        assert await r.call(CMD_READ, 0, 50 * MiB) == (0, bytes(MiB) + data + bytes(MiB))
+
+
+async def test_write_over_64_mib_is_refused_and_discarded(srv: Srv) -> None:
+    async with bystander(srv):
+        r = await srv.raw()
+        length = 65 * MiB
         await r.request(CMD_WRITE, 5, 0, length)
         junk = random.randbytes(1 * MiB)
         for _ in range(length // len(junk)):
@@ -607,10 +617,10 @@ async def test_write_over_32_mib_is_refused_and_discarded(srv: Srv) -> None:
         assert file_bytes(srv.path, 4096, 1 * MiB) == bytes(1 * MiB)
 
 
-async def test_read_over_32_mib_is_einval(srv: Srv) -> None:
+async def test_read_over_64_mib_is_einval(srv: Srv) -> None:
     async with bystander(srv):
         r = await srv.raw()
-        assert await r.call(CMD_READ, 0, 32 * MiB + 1) == (errno.EINVAL, b"")
+        assert await r.call(CMD_READ, 0, 64 * MiB + 1) == (errno.EINVAL, b"")
         assert await r.call(CMD_READ, 0, 512) == (0, bytes(512))
 
 

@@ -11,6 +11,12 @@ Rules:
   its simple replies.
 - Requests are pipelined and matched to replies by cookie; one reader task
   per connection wakes each waiting caller.
+- The server's NBD_INFO_BLOCK_SIZE is obeyed, as the spec requires of a
+  client that asks for it: READ and WRITE above its maximum payload are
+  split; below a minimum block size above 1, a read is widened to whole
+  blocks and a write is read-modify-write, with the blocks it touches held
+  against other writes meanwhile; TRIM keeps partial blocks, WRITE_ZEROES
+  writes them as zero bytes. Without the information: 32 MiB, any alignment.
 - A per-request error from the server is an OSError with its errno. A broken
   connection fails every request in flight with `ConnectionLost`; whether to
   reconnect and resend is the node's business, not the client's.
@@ -28,17 +34,19 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import outcome
 import trio
 
-from dstfs.iotypes import Buffer, ConnectionLost, write_zero_bytes
+from dstfs.iotypes import Buffer, ConnectionLost, scatter, write_zero_bytes
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
 from dstfs.nbd.transport import connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
+E = TypeVar("E")
 
 #: Bytes one NBD_CMD_BLOCK_STATUS asks about at most (its length is 32 bits).
 MAX_BLOCK_STATUS = 1 << 31
@@ -98,11 +106,17 @@ class NbdClient:
         #: The id of base:allocation, when this connection selected it.
         self.meta_id: int | None = None
         self._chunks: dict[int, list[tuple[int, int]] | OSError] = {}
+        #: Cookies of requests whose callers gave up before the reply.
+        self._abandoned: set[int] = set()
         #: Set once the server answered NBD_ESHUTDOWN: the soft disconnect runs.
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
+        #: The server's NBD_INFO_BLOCK_SIZE, as obeyed (see pread/pwrite).
+        self.min_block = info.min_block
+        self.max_payload = min(info.max_payload, P.MAX_PAYLOAD)
+        self._blocks = _RangeLock()
 
     # -- setup
 
@@ -127,6 +141,9 @@ class NbdClient:
         io = SocketIO(transport, peer)
         try:
             conn, info, meta = await _handshake(io, spec.export, block_status)
+        except P.ProtocolError as e:
+            io.close()
+            raise NbdError(errno.EPROTO, f"{spec.uri}: not an NBD server we can use: {e}") from None
         except BaseException:
             io.close()
             raise
@@ -191,6 +208,12 @@ class NbdClient:
         try:
             return await waiter.wait()
         finally:
+            if waiter.result is None:
+                # Given up before the reply (cancelled): the reply may still
+                # come; it is not a stray, and its data is not ours to place.
+                self._abandoned.add(cookie)
+                if cmd == P.Cmd.READ:
+                    self.conn.forget_read(cookie)
             self._forget(cookie)
 
     def _forget(self, cookie: int) -> None:
@@ -198,16 +221,62 @@ class NbdClient:
         if pending.pop(cookie, None) is not None and not pending:
             self._idle.set()
 
+    # -- block size constraints (NBD_INFO_BLOCK_SIZE): requests above the
+    # maximum payload are split; offsets and lengths not multiples of a
+    # minimum block size above 1 are widened to whole blocks (a write is
+    # then read, modified and written, with the blocks it touches locked).
+
+    def _aligned(self, offset: int, length: int) -> bool:
+        mb = self.min_block
+        return mb == 1 or (offset % mb == 0 and length % mb == 0)
+
     async def pread(self, offset: int, length: int) -> Buffer:
-        return await self._request(P.Cmd.READ, offset, length)  # type: ignore[return-value]
+        if length <= self.max_payload and self._aligned(offset, length):
+            return await self._request(P.Cmd.READ, offset, length)  # type: ignore[return-value]
+        buf = bytearray(length)
+        await self.pread_into(offset, [memoryview(buf)])
+        return buf
 
     async def pread_into(self, offset: int, views: list[memoryview]) -> None:
         """Read into `views` (in order), received in place: no copy."""
-        await self._request(P.Cmd.READ, offset, sum(len(v) for v in views), into=views)
+        length = sum(len(v) for v in views)
+        if length <= self.max_payload and self._aligned(offset, length):
+            await self._request(P.Cmd.READ, offset, length, into=views)
+            return
+        start, end = self._widen(offset, length)
+        if (start, end) != (offset, offset + length):
+            # Whole blocks into a buffer of ours, then only the bytes asked for.
+            buf = bytearray(end - start)
+            await self.pread_into(start, [memoryview(buf)])
+            scatter(memoryview(buf)[offset - start : offset - start + length], views)
+            return
+        pos = 0
+        while pos < length:
+            n = min(self.max_payload, length - pos)
+            await self._request(P.Cmd.READ, offset + pos, n, into=_slice_views(views, pos, n))
+            pos += n
+
+    def _widen(self, offset: int, length: int) -> tuple[int, int]:
+        mb = self.min_block
+        return offset - offset % mb, -(-(offset + length) // mb) * mb
 
     async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
         flags = P.CmdFlag.FUA if fua and self.flags & P.TransmissionFlag.SEND_FUA else 0
-        await self._request(P.Cmd.WRITE, offset, len(data), flags, data)
+        length = len(data)
+        if self.min_block == 1 and length <= self.max_payload:
+            await self._request(P.Cmd.WRITE, offset, length, flags, data)
+        else:
+            start, end = self._widen(offset, length)
+            async with self._blocks.locked(start, end):
+                if (start, end) != (offset, offset + length):
+                    # Read-modify-write of the whole blocks the write touches.
+                    buf = bytearray(await self.pread(start, end - start))
+                    buf[offset - start : offset - start + length] = data
+                    data, offset, length = buf, start, end - start
+                mv = memoryview(data)
+                for pos in range(0, length, self.max_payload):
+                    n = min(self.max_payload, length - pos)
+                    await self._request(P.Cmd.WRITE, offset + pos, n, flags, mv[pos : pos + n])
         if fua and not flags:
             await self.flush()
 
@@ -215,16 +284,36 @@ class NbdClient:
         if self.flags & P.TransmissionFlag.SEND_FLUSH:
             await self._request(P.Cmd.FLUSH, 0, 0)
 
+    def _inner(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole blocks inside a range: (start, end), maybe empty."""
+        mb = self.min_block
+        return -(-offset // mb) * mb, (offset + length) // mb * mb
+
     async def trim(self, offset: int, length: int) -> None:
         if self.flags & P.TransmissionFlag.SEND_TRIM:
-            await self._request(P.Cmd.TRIM, offset, length)
+            # Advisory: partial blocks at the edges are simply kept.
+            start, end = self._inner(offset, length)
+            if end > start:
+                await self._request(P.Cmd.TRIM, start, end - start)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
-        if self.flags & P.TransmissionFlag.SEND_WRITE_ZEROES:
-            flags = 0 if may_trim else P.CmdFlag.NO_HOLE
-            await self._request(P.Cmd.WRITE_ZEROES, offset, length, flags)
-        else:
+        if not self.flags & P.TransmissionFlag.SEND_WRITE_ZEROES:
             await write_zero_bytes(self.pwrite, offset, length)
+            return
+        flags = 0 if may_trim else P.CmdFlag.NO_HOLE
+        start, end = self._inner(offset, length)
+        if end <= start:
+            await self.pwrite(offset, bytes(length))
+            return
+        if start > offset:  # partial blocks at the edges: written as zero bytes
+            await self.pwrite(offset, bytes(start - offset))
+        if offset + length > end:
+            await self.pwrite(end, bytes(offset + length - end))
+        if self.min_block == 1:
+            await self._request(P.Cmd.WRITE_ZEROES, start, end - start, flags)
+        else:
+            async with self._blocks.locked(start, end):
+                await self._request(P.Cmd.WRITE_ZEROES, start, end - start, flags)
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """base:allocation extents (length, flags) from `offset`, covering a
@@ -235,11 +324,20 @@ class NbdClient:
         length = min(length, self.size - offset, MAX_BLOCK_STATUS)
         if length <= 0:
             return []
+        # Asked in whole blocks; the answer is cut back to the range.
+        start, end = self._widen(offset, length)
+        end = min(end, self.size - self.size % self.min_block, start + MAX_BLOCK_STATUS)
+        if end <= offset:
+            return [(length, 0)]  # inside the unaddressable tail: say "data"
         extents: list[tuple[int, int]] = await self._request(  # type: ignore[assignment]
-            P.Cmd.BLOCK_STATUS, offset, length
+            P.Cmd.BLOCK_STATUS, start, end - start
         )
-        out, left = [], length
+        out, skip, left = [], offset - start, length
         for n, flags in extents:
+            if skip >= n:
+                skip -= n
+                continue
+            n, skip = n - skip, 0
             if left <= 0:
                 break
             out.append((min(n, left), flags))
@@ -298,8 +396,18 @@ class NbdClient:
             self._nursery.start_soon(self._disconnect)
         return ConnectionLost(f"{self.name}: server is shutting down (NBD_ESHUTDOWN)")
 
+    def _stray(self, cookie: int) -> None:
+        """A reply nobody waits for: fine for a request given up, else the
+        server answers what was never asked (a protocol error)."""
+        if cookie in self._abandoned:
+            self._abandoned.discard(cookie)
+            return
+        raise P.ProtocolError(f"reply for cookie {cookie}, which no request has")
+
     def _chunk(self, ev: P.StructuredChunk) -> None:
         """One structured reply chunk (block status connections only)."""
+        if ev.cookie not in self._pending and ev.cookie not in self._abandoned:
+            raise P.ProtocolError(f"reply chunk for cookie {ev.cookie}, which no request has")
         got = self._chunks.get(ev.cookie)
         if ev.type == P.ReplyType.BLOCK_STATUS:
             context, extents = P.decode_block_status_payload(ev.payload)
@@ -324,7 +432,7 @@ class NbdClient:
             result = self._chunks.pop(ev.cookie, None)
             waiter = self._pending.get(ev.cookie)
             if waiter is None:
-                log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+                self._stray(ev.cookie)
             elif isinstance(result, OSError):
                 waiter.set(outcome.Error(result))
             elif not result:
@@ -347,7 +455,7 @@ class NbdClient:
                         raise P.ProtocolError(f"unexpected {type(ev).__name__} from server")
                     waiter = pending.get(ev.cookie)
                     if waiter is None:
-                        log.warning("%s: reply for unknown cookie %d", self.name, ev.cookie)
+                        self._stray(ev.cookie)
                         continue
                     if ev.error:
                         err = P.nbd_to_errno(ev.error)
@@ -357,11 +465,57 @@ class NbdClient:
                         waiter.set(outcome.Error(OSError(err, f"{self.name}: {os.strerror(err)}")))
                     else:
                         waiter.set(outcome.Value(ev.data))
-        except (OSError, P.ProtocolError, trio.ClosedResourceError) as e:
+        except P.ProtocolError as e:
+            # Nothing more from this server can be trusted: drop the
+            # connection; the node reconnects (or fails) as for any loss.
+            log.error("%s: protocol error from the server, disconnecting: %s", self.name, e)
+            self._lose(f"protocol error: {e}")
+            io.close()
+        except (OSError, trio.ClosedResourceError) as e:
             if not self._closed:
                 log.warning("%s: connection lost: %s", self.name, e)
             self._lose(str(e) or type(e).__name__)
             io.close()
+
+
+def _slice_views(views: list[memoryview], start: int, n: int) -> list[memoryview]:
+    """The bytes [start, start + n) of the concatenation of `views`, as views."""
+    out = []
+    for v in views:
+        if start >= len(v):
+            start -= len(v)
+            continue
+        piece = v[start : start + n]
+        out.append(piece)
+        n -= len(piece)
+        start = 0
+        if not n:
+            break
+    return out
+
+
+class _RangeLock:
+    """Byte ranges held by writes that must not overlap (a read-modify-write
+    and any write to the blocks it rewrites); waiters go once no held range
+    overlaps theirs."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, trio.Event]] = []
+
+    @asynccontextmanager
+    async def locked(self, start: int, end: int) -> AsyncIterator[None]:
+        while True:
+            busy = next((ev for s, e, ev in self._held if s < end and start < e), None)
+            if busy is None:
+                break
+            await busy.wait()
+        entry = (start, end, trio.Event())
+        self._held.append(entry)
+        try:
+            yield
+        finally:
+            self._held.remove(entry)
+            entry[2].set()
 
 
 async def _recv_event(io: SocketIO, conn: P.ClientConnection) -> object:
@@ -374,6 +528,13 @@ async def _recv_event(io: SocketIO, conn: P.ClientConnection) -> object:
     return ev
 
 
+async def _expect(io: SocketIO, conn: P.ClientConnection, kind: type[E]) -> E:
+    ev = await _recv_event(io, conn)
+    if not isinstance(ev, kind):
+        raise P.ProtocolError(f"{type(ev).__name__} from the server, not {kind.__name__}")
+    return ev
+
+
 async def _option(
     io: SocketIO, conn: P.ClientConnection, opt: int, data: bytes
 ) -> list[P.OptionReply]:
@@ -381,8 +542,7 @@ async def _option(
     await io.send_all(conn.option(opt, data))
     replies = []
     while True:
-        ev = await _recv_event(io, conn)
-        assert isinstance(ev, P.OptionReply)
+        ev = await _expect(io, conn, P.OptionReply)
         replies.append(ev)
         if ev.rep not in (P.Rep.SERVER, P.Rep.INFO, P.Rep.META_CONTEXT):
             return replies
@@ -414,8 +574,7 @@ async def _handshake(
     io: SocketIO, export: str, block_status: bool = False
 ) -> tuple[P.ClientConnection, P.ExportInfo, int | None]:
     conn = P.ClientConnection()
-    greeting = await _recv_event(io, conn)
-    assert isinstance(greeting, P.ServerGreeting)
+    greeting = await _expect(io, conn, P.ServerGreeting)
     if not greeting.flags & P.HandshakeFlag.FIXED_NEWSTYLE:
         raise NbdError(errno.EPROTO, f"{io.peer}: server does not offer fixed newstyle")
     flags = P.ClientFlag.FIXED_NEWSTYLE
@@ -426,8 +585,7 @@ async def _handshake(
     await io.send_all(conn.option(P.Opt.GO, P.encode_go_data(export, (P.Info.BLOCK_SIZE,))))
     info: P.ExportInfo | None = None
     while True:
-        ev = await _recv_event(io, conn)
-        assert isinstance(ev, P.OptionReply)
+        ev = await _expect(io, conn, P.OptionReply)
         if ev.rep == P.Rep.INFO:
             info = P.apply_info(info, ev.data)
         elif ev.rep == P.Rep.ACK:
@@ -445,8 +603,7 @@ async def _handshake(
             err = errno.ENOENT if ev.rep == P.Rep.ERR_UNKNOWN else errno.EPROTO
             raise NbdError(err, f"{io.peer}: export {export!r} refused: {rep} {msg}".strip())
     await io.send_all(conn.option(P.Opt.EXPORT_NAME, export.encode()))
-    ev = await _recv_event(io, conn)
-    assert isinstance(ev, P.ExportNameReply)
+    ev = await _expect(io, conn, P.ExportNameReply)
     return conn, P.ExportInfo(size=ev.size, flags=ev.flags), meta
 
 

@@ -9,7 +9,9 @@ Rules of this module:
   caller cannot decode a message in the wrong phase.
 - Decoders never buffer without bound: option data over `MAX_OPTION_DATA` and
   write payloads over `MAX_PAYLOAD` are discarded as they stream past, never
-  stored (a too big WRITE is reported once its payload has gone past).
+  stored (a too big WRITE is reported once its payload has gone past). A
+  WRITE payload's buffer comes from the server's `alloc`, which may say "not
+  now": decoding then pauses with `payload_wanted` set (back-pressure).
 - A violation of the protocol raises `ProtocolError`; the caller must drop
   the connection (the spec allows a hard disconnect for it).
 - Payloads (READ replies on the client, WRITE requests on the server) are
@@ -36,8 +38,11 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
-#: Largest READ/WRITE payload we accept or send (the spec's default maximum).
-MAX_PAYLOAD = 32 * 1024 * 1024
+#: Largest READ/WRITE payload we accept or send (nbdkit's limit; the server
+#: advertises it with NBD_INFO_BLOCK_SIZE).
+MAX_PAYLOAD = 64 * 1024 * 1024
+#: The maximum payload a client may assume of a server that advertises none.
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 #: Largest option data we keep; options carry names (<= 4096) and small lists.
 MAX_OPTION_DATA = 64 * 1024
 #: The spec's limit on strings (export names, descriptions).
@@ -234,7 +239,7 @@ class Request:
     cookie: int
     offset: int
     length: int
-    data: bytes | bytearray | None = b""
+    data: bytes | bytearray | memoryview | None = b""
 
 
 @attrs.frozen
@@ -260,7 +265,7 @@ class ExportInfo:
     flags: int
     min_block: int = 1
     preferred_block: int = 4096
-    max_payload: int = MAX_PAYLOAD
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     name: str | None = None
     description: str | None = None
 
@@ -334,6 +339,22 @@ def decode_rep_server(data: bytes) -> tuple[str, str]:
     return bytes(data[4 : 4 + n]).decode(), bytes(data[4 + n :]).decode()
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_block_size(minimum: int, preferred: int, maximum: int) -> None:
+    """ProtocolError unless the sizes obey the spec: minimum a power of two
+    <= 64 KiB, preferred a power of two >= max(minimum, 512), maximum >=
+    preferred and a multiple of the minimum (or 0xffffffff: no limit)."""
+    if not _power_of_two(minimum) or minimum > 1 << 16:
+        raise ProtocolError(f"NBD_INFO_BLOCK_SIZE: bad minimum block size {minimum}")
+    if not _power_of_two(preferred) or preferred < max(minimum, 512):
+        raise ProtocolError(f"NBD_INFO_BLOCK_SIZE: bad preferred block size {preferred}")
+    if maximum != 0xFFFFFFFF and (maximum < preferred or maximum % minimum):
+        raise ProtocolError(f"NBD_INFO_BLOCK_SIZE: bad maximum payload {maximum}")
+
+
 def apply_info(info: ExportInfo | None, data: bytes) -> ExportInfo | None:
     """Fold one NBD_REP_INFO payload into what is known of the export.
     Unknown information types are ignored, as the spec requires."""
@@ -352,6 +373,7 @@ def apply_info(info: ExportInfo | None, data: bytes) -> ExportInfo | None:
         if len(data) != 14:
             raise ProtocolError("NBD_INFO_BLOCK_SIZE must be 14 bytes")
         _, mn, pref, mx = _INFO_BLOCK_SIZE.unpack(data)
+        check_block_size(mn, pref, mx)
         return attrs.evolve(base, min_block=mn, preferred_block=pref, max_payload=mx)
     if kind == Info.NAME:
         return attrs.evolve(base, name=bytes(data[2:]).decode(errors="replace"))
@@ -457,7 +479,7 @@ class _Decoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
         self._filled = 0
         self._discard = 0
         #: A payload received in place into the caller's buffers (scatter).
@@ -578,11 +600,8 @@ class _Decoder:
         self._pos = pos + n
         return out
 
-    #: Allocates payload buffers; a server may recycle them (see dstfs.iotypes.BufferPool).
-    alloc: Callable[[int], bytearray] = bytearray
-
-    def _start_payload(self, n: int) -> None:
-        self._payload = payload = self.alloc(n)
+    def _start_payload(self, n: int, payload: bytearray | memoryview | None = None) -> None:
+        self._payload = payload = bytearray(n) if payload is None else payload
         pos = self._pos
         k = min(n, len(self._buf) - pos)
         if k:
@@ -590,7 +609,7 @@ class _Decoder:
             self._pos = pos + k
         self._filled = k
 
-    def _payload_done(self) -> bytearray | None:
+    def _payload_done(self) -> bytearray | memoryview | None:
         """The payload if it is complete (and reset), else None."""
         p = self._payload
         if p is None or self._filled < len(p):
@@ -634,6 +653,31 @@ class ServerConnection(_Decoder):
         self.structured_replies = False
         self._request: tuple[int, int, int, int, int] | None = None
         self._too_big: Request | None = None
+        #: Bytes of a WRITE payload that waits for a buffer (`alloc` said None).
+        self.payload_wanted = 0
+
+    #: Gives a WRITE payload its buffer of exactly n bytes, or None when no
+    #: memory may be committed now: decoding then pauses (`payload_wanted`)
+    #: until the caller frees memory and calls `next_event()` again.
+    alloc: Callable[[int], bytearray | memoryview | None] = bytearray
+
+    def supply_payload(self, buf: bytearray | memoryview) -> None:
+        """The buffer for the WRITE payload that waits (`payload_wanted` bytes)."""
+        assert len(buf) == self.payload_wanted
+        self.payload_wanted = 0
+        self._start_payload(len(buf), buf)
+
+    @property
+    def payload_pending(self) -> int:
+        """Bytes of a WRITE payload still to come into its buffer."""
+        p = self._payload
+        return 0 if p is None or self._request is None else len(p) - self._filled
+
+    def take_payload(self) -> bytearray | memoryview | None:
+        """The buffer of a payload being received, now the caller's (the
+        connection is ending); None if there is none."""
+        p, self._payload = self._payload, None
+        return p
 
     def greeting(self) -> bytes:
         return _GREETING.pack(NBDMAGIC, IHAVEOPT, self.handshake_flags)
@@ -688,6 +732,11 @@ class ServerConnection(_Decoder):
             ev, self._too_big = self._too_big, None
             return ev
         if self._request is not None:
+            if self.payload_wanted:
+                buf = self.alloc(self.payload_wanted)
+                if buf is None:
+                    return None
+                self.supply_payload(buf)
             data = self._payload_done()
             if data is None:
                 return None
@@ -709,7 +758,10 @@ class ServerConnection(_Decoder):
                 self._too_big = Request(flags, cmd, cookie, offset, length, None)
                 return self._next_request()
             self._request = (flags, cmd, cookie, offset, length)
-            self._start_payload(length)
+            if length:
+                self.payload_wanted = length
+            else:
+                self._start_payload(0)
             return self._next_request()
         if cmd == Cmd.DISC:
             self.phase = _Phase.CLOSED
@@ -837,6 +889,20 @@ class ClientConnection(_Decoder):
             self.phase = _Phase.CLOSED
         return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
+    def forget_read(self, cookie: int) -> None:
+        """The caller of READ `cookie` gave up: its data, if it still comes,
+        goes to a scratch buffer, never into the caller's buffers."""
+        wanted = self._reads.get(cookie)
+        if type(wanted) is list:
+            self._reads[cookie] = sum(len(v) for v in wanted)
+        elif (
+            wanted is None
+            and self._segs is not None  # being received into the caller's views now
+            and self._reply is not None
+            and self._reply[0] == cookie
+        ):
+            self._segs = [memoryview(bytearray(len(v))) for v in self._segs]
+
     # -- decoding
 
     def next_event(
@@ -931,6 +997,8 @@ class ClientConnection(_Decoder):
                 self._start_scatter(wanted)  # type: ignore[arg-type]
             return self._next_reply()
         if magic == STRUCTURED_REPLY_MAGIC:
+            if not self.structured_replies:
+                raise ProtocolError("structured reply, but structured replies were not negotiated")
             if len(buf) - pos < 20:
                 return None
             _, flags, rtype, cookie, length = _STRUCTURED.unpack_from(buf, pos)

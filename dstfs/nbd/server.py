@@ -8,11 +8,21 @@ Rules:
 - The one metadata context is `base:allocation`, offered for a backend that
   can report block status (a file: SEEK_DATA/SEEK_HOLE); NBD_CMD_BLOCK_STATUS
   is answered with one final BLOCK_STATUS chunk covering a prefix of the range.
-- Requests are served in order as they are decoded, so a connection buffers
-  at most one request (<= MAX_PAYLOAD) however fast the client sends; FLUSH
-  and FUA writes, which wait on the disk, run as their own tasks so reads
-  and writes behind them go on. Replies may thus leave out of order. On
-  NBD_CMD_DISC every reply still owed is sent before the connection closes.
+- Requests are handled in the order they arrive, one at a time, so a
+  connection buffers at most one request (<= MAX_PAYLOAD) however fast the
+  client sends; FLUSH and FUA writes, which wait on the disk, run as their
+  own tasks so reads and writes behind them go on. Replies may thus leave
+  out of order. On NBD_CMD_DISC every reply still owed is sent before the
+  connection closes.
+- What a READ shows: a WRITE (TRIM, WRITE_ZEROES) is in the file before the
+  next request is handled, and a READ of a file is answered with
+  sendfile(2), which reads the file when the reply is sent. So a READ shows
+  every WRITE that arrived before it on this connection (acknowledged or
+  not) and every WRITE acknowledged on any connection before it arrived;
+  it may also show a WRITE that arrived after it while its reply waited to
+  be sent. Both were in flight together, and the spec lets a server answer
+  overlapping requests in flight in any order; a client that needs the old
+  bytes waits for the READ's reply before it writes.
 - A request the server will not do (past the end: ENOSPC for WRITE, EINVAL
   otherwise; too big; flags not valid for the command; on a read-only
   export; unknown command) gets an NBD error reply; a protocol violation
@@ -27,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -36,7 +47,7 @@ import trio
 
 from dstfs.backends.base import Backend
 from dstfs.backends.file import FileBackend
-from dstfs.iotypes import BufferPool, ConnectionLost
+from dstfs.iotypes import ConnectionLost, PayloadPool
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
 from dstfs.nbd.transport import SocketTransport
@@ -44,6 +55,19 @@ from dstfs.nbd.transport import SocketTransport
 log = logging.getLogger(__name__)
 
 PREFERRED_BLOCK = 4096
+#: Seconds a new connection has to finish the handshake (GO or EXPORT_NAME).
+HANDSHAKE_TIMEOUT = 10.0
+#: Connections served at once; more are closed at once (and logged).
+MAX_CONNECTIONS = 256
+#: Bytes of large WRITE payloads being received at once, over all
+#: connections; more wait for memory (see PayloadPool).
+PAYLOAD_MEMORY = 256 << 20
+#: Seconds a large WRITE payload (which holds reserved memory) may make no
+#: progress before its connection is dropped.
+PAYLOAD_STALL = 30.0
+#: accept() failing for want of descriptors or memory: first pause, longest pause.
+ACCEPT_BACKOFF = (0.05, 1.0)
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: FLUSH and FUA requests waiting on the disk at once, per connection; past
 #: it the reader stops reading, so a client cannot pile them up.
 MAX_DURABLE = 16
@@ -84,17 +108,68 @@ class ServerStats:
     requests: int = 0
     errors: int = 0
     protocol_errors: int = 0
+    #: Connections closed at once: over the limit, or no descriptor or memory.
+    refused: int = 0
+    #: Connections closed for not finishing the handshake in time.
+    handshake_timeouts: int = 0
 
 
 class NbdServer:
     """Serves `exports` (the first is the default, reached by the empty name)."""
 
-    def __init__(self, exports: Sequence[Export]) -> None:
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        payload_memory: int = PAYLOAD_MEMORY,
+    ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
         self.exports = {e.name: e for e in exports}
         self.default = exports[0]
         self.stats = ServerStats()
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        #: WRITE payload buffers, shared by every connection (bounded memory).
+        self.pool = PayloadPool(cap=payload_memory)
+        self._memory_freed = trio.Event()
+        #: Connections waiting for payload memory, served first come first.
+        self._memory_queue = trio.StrictFIFOLock()
+        self.memory_waiters = 0
+
+    def take_buffer(self, n: int) -> memoryview | None:
+        """A payload buffer now, or None: the pool is full, or others wait
+        (a newcomer does not overtake them)."""
+        if self.memory_waiters and n > self.pool.small:
+            return None
+        return self.pool.take(n)
+
+    def give_buffer(self, buf: memoryview, reuse: bool) -> None:
+        """A payload buffer is done with: back to the pool, and wake the
+        connections waiting for memory."""
+        self.pool.give(buf, reuse)
+        self._memory_freed.set()
+
+    async def wait_memory(self, n: int) -> memoryview:
+        """A payload buffer of n bytes, once the pool can grant one."""
+        self.memory_waiters += 1
+        try:
+            async with self._memory_queue:
+                while (buf := self.pool.take(n)) is None:
+                    if self._memory_freed.is_set():
+                        self._memory_freed = trio.Event()
+                    await self._memory_freed.wait()
+        finally:
+            self.memory_waiters -= 1
+        return buf
+
+    def block_sizes(self, export: Export) -> tuple[int, int, int]:
+        """NBD_INFO_BLOCK_SIZE of `export`: any alignment (a file or block
+        device takes bytes), 4096 preferred (a page: no read-modify-write
+        in the page cache), our payload limit."""
+        return 1, PREFERRED_BLOCK, P.MAX_PAYLOAD
 
     def find(self, name: str) -> Export | None:
         if name == "":
@@ -136,27 +211,93 @@ class NbdServer:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
+            nursery.start_soon(self._trim_pool)
             task_status.started(listeners)
 
+    async def _trim_pool(self) -> None:
+        """Give idle payload memory back to the system."""
+        while True:
+            await trio.sleep(self.pool.idle / 2)
+            self.pool.trim()
+
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
+        """Accept for ever. Out of descriptors or memory, a connection is
+        refused (accepted with the spare descriptor kept for this, closed),
+        logged, and accepting pauses briefly: the server itself goes on."""
+        # A plain socket on the listener: trio's accept would end this loop on EMFILE.
+        lsock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        lsock.setblocking(False)
+        spare: int | None = os.open(os.devnull, os.O_RDONLY)
+        backoff = ACCEPT_BACKOFF[0]
+        try:
             while True:
-                stream = await listener.accept()
-                tsock = stream.socket
-                # Take the raw socket out of trio's wrapper for the fast path.
-                raw = socket.socket(fileno=os.dup(tsock.fileno()))
-                await stream.aclose()
                 try:
-                    peer = raw.getpeername()
-                except OSError:
-                    raw.close()
+                    raw, addr = lsock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(lsock)
                     continue
-                if raw.family in (socket.AF_INET, socket.AF_INET6):
-                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    peer = f"{peer[0]}:{peer[1]}"
-                else:
-                    peer = f"unix:{peer or '?'}"
-                nursery.start_soon(self.handle, SocketIO(SocketTransport(raw), peer))
+                except OSError as e:
+                    if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                        if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                            continue  # that peer gave up already
+                        raise
+                    spare = self._refuse(lsock, spare, e)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
+                    continue
+                backoff = ACCEPT_BACKOFF[0]
+                if spare is None:
+                    with contextlib.suppress(OSError):
+                        spare = os.open(os.devnull, os.O_RDONLY)
+                try:
+                    self._start(raw, addr, nursery)
+                except MemoryError:
+                    raw.close()
+                    log.error("out of memory: refused a connection")
+                    await trio.sleep(backoff)
+        finally:
+            if spare is not None:
+                os.close(spare)
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    def _refuse(self, lsock: socket.socket, spare: int | None, e: OSError) -> int | None:
+        """accept() failed for want of resources: free the spare descriptor,
+        accept and close the waiting connection so its peer is not left
+        hanging, and take the spare back if it can be had."""
+        self.stats.refused += 1
+        refused = "?"
+        if spare is not None:
+            os.close(spare)
+            spare = None
+            with contextlib.suppress(OSError):
+                sock, addr = lsock.accept()
+                sock.close()
+                refused = _peer_name(sock.family, addr)
+            with contextlib.suppress(OSError):
+                spare = os.open(os.devnull, os.O_RDONLY)
+        log.error("accept failed (%s): refused connection from %s", e.strerror, refused)
+        return spare
+
+    def _start(self, raw: socket.socket, addr: object, nursery: trio.Nursery) -> None:
+        peer = _peer_name(raw.family, addr)
+        if self.stats.active >= self.max_connections:
+            self.stats.refused += 1
+            log.warning(
+                "%s: refused: %d connections already (--max-connections)", peer, self.stats.active
+            )
+            raw.close()
+            return
+        if raw.family in (socket.AF_INET, socket.AF_INET6):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stats.active += 1  # counted now: the limit holds for a burst of accepts
+        nursery.start_soon(self._handle_counted, SocketIO(SocketTransport(raw), peer))
+
+    async def _handle_counted(self, io: SocketIO) -> None:
+        self.stats.active -= 1
+        await self.handle(io)
 
     async def handle(self, io: SocketIO) -> None:
         """Serve one client until it disconnects; never raises for its sake."""
@@ -178,6 +319,12 @@ class NbdServer:
             log.info("%s: client disconnected", io.peer)
 
 
+def _peer_name(family: int, addr: object) -> str:
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return f"unix:{addr or '?'}"
+
+
 class _Disconnect(Exception):
     pass
 
@@ -187,8 +334,7 @@ class _Session:
         self.server = server
         self.io = io
         self.conn = P.ServerConnection()
-        self.pool = BufferPool()
-        self.conn.alloc = self.pool.take
+        self.conn.alloc = server.take_buffer
         self.export: Export | None = None
         self.durable_slots = trio.Semaphore(MAX_DURABLE)
         #: The export SET_META_CONTEXT named, and the base:allocation id it selected.
@@ -196,13 +342,24 @@ class _Session:
         self.meta_id: int | None = None
 
     async def run(self) -> None:
-        await self.io.send_all(self.conn.greeting())
+        # Until GO or EXPORT_NAME: then the deadline goes (see _option).
+        self.handshake = trio.CancelScope(
+            deadline=trio.current_time() + self.server.handshake_timeout
+        )
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.io.run_sender)
             try:
-                await self._loop()
+                try:
+                    with self.handshake:
+                        await self.io.send_all(self.conn.greeting())
+                        await self._loop()
+                finally:
+                    self._release_payload()
+                if self.handshake.cancelled_caught:
+                    self._handshake_expired()
+                    raise _Disconnect
                 # The client's DISC: first every reply still owed (FLUSH, FUA).
                 with trio.move_on_after(DISC_GRACE):
                     for _ in range(MAX_DURABLE):
@@ -216,18 +373,55 @@ class _Session:
         if error is not None:
             raise error
 
+    def _handshake_expired(self) -> None:
+        self.server.stats.handshake_timeouts += 1
+        log.warning(
+            "%s: no handshake within %g s, disconnecting",
+            self.io.peer,
+            self.server.handshake_timeout,
+        )
+
+    def _release_payload(self) -> None:
+        """The session ends: a WRITE payload half received goes back to the pool."""
+        buf = self.conn.take_payload()
+        if isinstance(buf, memoryview):
+            self.server.give_buffer(buf, reuse=True)
+
     async def _loop(self) -> None:
         conn = self.conn
         while True:
             ev = conn.next_event()
             if ev is None:
-                await self.io.fill(conn)
+                if conn.payload_wanted:
+                    # No memory for this payload now: read nothing more from
+                    # this client until another connection gives some back.
+                    conn.supply_payload(await self.server.wait_memory(conn.payload_wanted))
+                elif conn.payload_pending > self.server.pool.small:
+                    # A large payload holds reserved memory: it must keep coming.
+                    with trio.move_on_after(PAYLOAD_STALL):
+                        await self.io.fill(conn)
+                        continue
+                    log.warning(
+                        "%s: WRITE payload stalled for %g s with %d bytes to come, disconnecting",
+                        self.io.peer,
+                        PAYLOAD_STALL,
+                        conn.payload_pending,
+                    )
+                    raise _Disconnect
+                else:
+                    await self.io.fill(conn)
                 continue
             if type(ev) is P.Request:
-                if self.io.queued > HIGH_WATER:
-                    await self.io.wait_room()  # a client that does not read its replies
-                if not await self._request(ev):
-                    return
+                try:
+                    if self.io.queued > HIGH_WATER:
+                        await self.io.wait_room()  # a client that does not read its replies
+                    if not await self._request(ev):
+                        return
+                finally:
+                    if type(ev.data) is memoryview:
+                        # A file keeps no reference to what it wrote; others might.
+                        reuse = isinstance(self.export and self.export.backend, FileBackend)
+                        self.server.give_buffer(ev.data, reuse)
             elif type(ev) is P.Option:
                 await self._option(ev)
             elif type(ev) is P.OptionTooBig:
@@ -249,6 +443,7 @@ class _Session:
                 log.warning("%s: unknown export %r, disconnecting", peer, data)
                 raise _Disconnect
             self.export = export
+            self.handshake.deadline = math.inf
             await self.io.send_all(self.conn.export_name_reply(export.backend.size, export.flags))
         elif opt == P.Opt.ABORT:
             await self._reply(opt, P.Rep.ACK)
@@ -314,9 +509,8 @@ class _Session:
             await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
             return
         await self._reply(opt, P.Rep.INFO, P.encode_info_export(export.backend.size, export.flags))
-        await self._reply(
-            opt, P.Rep.INFO, P.encode_info_block_size(1, PREFERRED_BLOCK, P.MAX_PAYLOAD)
-        )
+        sizes = self.server.block_sizes(export)
+        await self._reply(opt, P.Rep.INFO, P.encode_info_block_size(*sizes))
         if P.Info.NAME in requests:
             await self._reply(opt, P.Rep.INFO, P.encode_info_string(P.Info.NAME, export.name))
         if P.Info.DESCRIPTION in requests and export.description:
@@ -325,6 +519,7 @@ class _Session:
             )
         if opt == P.Opt.GO:
             self.export = export
+            self.handshake.deadline = math.inf
             if self.meta_export != name:  # contexts selected for another export
                 self.meta_id = None
         await self._reply(opt, P.Rep.ACK)
@@ -374,8 +569,8 @@ class _Session:
                 data = backend.file_slice(req.offset, req.length)
                 if data is None:
                     data = await backend.pread(req.offset, req.length)
-                # A file slice is read when sent: a write processed meanwhile
-                # was in flight together with this read, so either is right.
+                # A file slice is read when sent: it may show a write that
+                # arrived after this read (see the module's rules).
                 self.io.send_soon(
                     self.conn.read_data_header(req.cookie, req.offset, req.length), data
                 )
@@ -383,8 +578,6 @@ class _Session:
             if cmd == C.WRITE:
                 assert req.data is not None
                 await backend.pwrite(req.offset, req.data)
-                if type(req.data) is bytearray and isinstance(backend, FileBackend):
-                    self.pool.give(req.data)  # written: a file keeps no reference
             elif cmd == C.FLUSH:
                 await self._start_durable(req)
                 return True
