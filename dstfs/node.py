@@ -14,6 +14,7 @@ Rules:
   server that stopped answering, or trickles its reply) is a lost
   connection: the connection is dropped and the request waits for the
   reconnect like any other. FLUSH is exempt: it takes what the disk takes.
+  A watchdog task checks this once a second, so requests pay no timer.
 - `suspend()` closes the gate and returns once the requests already past it
   have drained; `resume()` reopens it and the waiters proceed together, in
   no promised order (trio wakes them as one batch): like any requests in
@@ -52,6 +53,8 @@ DEFAULT_TIMEOUT = 30.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 5.0
+#: How often the reply deadline is checked (see Node._watch).
+WATCH_EVERY = 1.0
 
 
 class NodeUnavailable(OSError):
@@ -161,6 +164,10 @@ class Node:
         #: drops a replica from its in-sync set, or resyncs it).
         self.on_change: Callable[[Node], None] | None = None
         self._attempt: trio.CancelScope | None = None
+        #: Requests in flight (not flushes) by token: when each was sent.
+        self._pending: dict[int, float] = {}
+        self._next_token = 0
+        self._watchdog: trio.CancelScope | None = None
 
     # -- state
 
@@ -269,20 +276,16 @@ class Node:
                 await self._pass_gate()
             self._inflight += 1
             t0 = time.perf_counter_ns()
-            backend = self.backend
+            # Stamped for the watchdog (a flush takes what the disk takes).
+            token = self._next_token
+            if what != "flush":
+                self._next_token = token + 1
+                self._pending[token] = trio.current_time()
+                if self._watchdog is None and self.backend.can_reconnect:
+                    self._watchdog = trio.CancelScope()
+                    self.nursery.start_soon(self._watch, self._watchdog)
             try:
-                # Not for a flush (its time is the server's disk's), nor for
-                # storage that cannot reconnect (a local file).
-                if self.timeout > 0 and what != "flush" and backend.can_reconnect:
-                    with trio.move_on_after(self.timeout) as deadline:
-                        result = await fn(backend)
-                    if deadline.cancelled_caught:
-                        # No answer in the node's time (a dead or trickling
-                        # server): handled like a broken connection, which
-                        # the reconnect replaces (the backend drops the old).
-                        raise ConnectionLost(f"no answer to {what} within {self.timeout:g} s")
-                else:
-                    result = await fn(backend)
+                result = await fn(self.backend)
             except ConnectionLost as e:
                 self._connection_lost(e)
                 if not self.hold:
@@ -293,9 +296,34 @@ class Node:
                 log.warning("%s: %s %d+%d failed: %s", self.name, what, offset, length, e)
                 raise
             finally:
+                self._pending.pop(token, None)
                 self._done()
             self.stats.took(t0)
             return result
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        """The reply deadline, off the request path: a request to a node that
+        can reconnect, unanswered for the node's timeout (a dead or trickling
+        server), drops the connection; its requests then meet ConnectionLost
+        and wait for the reconnect like any other."""
+        with scope:
+            while self._pending:  # ends when idle; the next request starts it again
+                await trio.sleep(WATCH_EVERY)
+                if self.timeout <= 0 or not self._pending:
+                    continue
+                age = trio.current_time() - min(self._pending.values())
+                if age >= self.timeout and self.backend.can_reconnect:
+                    log.warning(
+                        "%s: a request unanswered for %.0f s (timeout %g s): dropping the "
+                        "connection",
+                        self.name,
+                        age,
+                        self.timeout,
+                    )
+                    self._pending.clear()  # they will be resent, stamped anew
+                    self.backend.abort()
+        if self._watchdog is scope:
+            self._watchdog = None
 
     # -- suspend
 
@@ -418,6 +446,8 @@ class Node:
     async def aclose(self) -> None:
         if self._attempt is not None:
             self._attempt.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.backend.aclose()
 
 

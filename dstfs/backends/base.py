@@ -61,6 +61,11 @@ class Backend(Protocol):
 
     async def reconnect(self) -> None: ...
 
+    def abort(self) -> None:
+        """Drop the connection now: requests in flight get ConnectionLost
+        (a node's reply deadline); nothing for storage without one."""
+        ...
+
     #: Whether `block_status(offset, length) -> list[(length, flags)]` is
     #: offered: extents from `offset` covering at least a prefix of the
     #: range, flags as dstfs.iotypes.EXTENT_* (0 is data). A backend that
@@ -89,6 +94,9 @@ class BackendBase:
 
     async def reconnect(self) -> None:
         raise OSError(errno.EOPNOTSUPP, "this storage cannot reconnect")
+
+    def abort(self) -> None:
+        pass
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         raise OSError(errno.EOPNOTSUPP, "no block status")
@@ -136,6 +144,9 @@ class BackendFilter:
 
     async def reconnect(self) -> None:
         await self.inner.reconnect()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
     @property
     def can_block_status(self) -> bool:
