@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.load import wait_for
 from helpers.netns import (
     NetnsError,
     Topology,
@@ -178,9 +179,11 @@ def test_teardown_kills_processes_and_removes_namespaces(netns_ok: None, tmp_pat
             subprocess.Popen(topo.client_cmd(["sleep", "300"])),
         ]
         for ns in names:
-            assert namespace_pids(ns), f"no process in {ns}"
+            # `ip netns exec` enters the namespace after it has started: wait
+            # for it (a busy machine may take a while), then require it.
+            wait_for(lambda ns=ns: namespace_pids(ns), f"a process in {ns}", timeout=30)
     # nbdkit exits 0 on SIGTERM (clean shutdown); sleep dies of the signal.
-    assert [p.wait(timeout=5) for p in procs] == [0, -15, -15]
+    assert [p.wait(timeout=30) for p in procs] == [0, -15, -15]
     assert not set(names) & set(list_namespaces())
     assert_root_untouched()
     with pytest.raises(NetnsError, match="closed"):
