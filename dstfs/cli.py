@@ -32,7 +32,7 @@ def setup_logging(verbose: int, debug: bool = False) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.malloc import keep_freed_memory
-    from dstfs.serve import open_export, parse_listen, run_server
+    from dstfs.serve import open_export, parse_allow, parse_listen, run_server, tls_setup
 
     listen = None
     if args.unix is None:
@@ -40,6 +40,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             listen = parse_listen(args.listen)
         except ValueError as e:
             raise CliError(str(e)) from None
+    try:
+        tls, tls_required = tls_setup(args.tls_cert, args.tls_key, args.tls_ca, args.tls)
+        allow = [parse_allow(a) for a in args.allow] if args.allow else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
     try:
         size = parse_size(args.size) if args.size else None
         backend = open_export(args.path, size, args.read_only)
@@ -56,6 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 read_only=args.read_only,
                 max_connections=args.max_connections,
                 handshake_timeout=args.handshake_timeout,
+                tls=tls,
+                tls_required=tls_required,
+                allow=allow,
             )
         )
     except OSError as e:
@@ -113,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="close a client that has not finished the handshake by then (default 10)",
+    )
+    s.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (chain), PEM")
+    s.add_argument("--tls-key", metavar="FILE", help="TLS private key, PEM")
+    s.add_argument(
+        "--tls-ca", metavar="FILE", help="require client certificates signed by this CA (PEM)"
+    )
+    s.add_argument(
+        "--tls",
+        choices=["require", "allow", "off"],
+        help="require (the default with --tls-cert): no data without TLS; "
+        "allow: TLS is the client's choice; off",
+    )
+    s.add_argument(
+        "--allow",
+        action="append",
+        metavar="ADDR[/PREFIX]",
+        help="serve only TCP clients from these addresses (repeatable; IPv4 or IPv6)",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -32,6 +32,13 @@ class ConnectionLost(OSError):
         super().__init__(errno.ECONNRESET, message)
 
 
+class NotRetryable(OSError):
+    """A connection attempt failed in a way that trying again will not heal
+    (a server certificate that is not trusted, a client certificate the
+    server refuses, TLS asked of a server without it): the node fails at
+    once instead of reconnecting for ever."""
+
+
 class FileSlice:
     """Bytes of a file to send with sendfile(2), never copied through Python.
     Queued like a buffer; a short file reads as zeroes past its end."""

@@ -24,6 +24,8 @@ Rules:
   connection breaks under a request, the request fails at once with
   `NodeUnavailable`, and the reconnect goes on in the background. Which I/O
   waits for a node is the algorithm's decision, not the node's.
+- A reconnect that fails with `NotRetryable` (e.g. a TLS certificate not
+  trusted) makes the node failed at once and ends the reconnect job.
 - Every request, error, reconnect and failure is counted in `stats`, every
   state change is logged with the node's name and reported to `on_change`.
 - The reconnect job follows the node's current backend: a node repointed
@@ -43,7 +45,7 @@ import attrs
 import trio
 
 from dstfs.backends.base import Backend
-from dstfs.iotypes import Buffer, ConnectionLost
+from dstfs.iotypes import Buffer, ConnectionLost, NotRetryable
 from dstfs.uri import NodeSpec
 
 log = logging.getLogger(__name__)
@@ -395,6 +397,12 @@ class Node:
                     with trio.CancelScope(shield=True):
                         await _close_quietly(backend)
                     continue
+                if isinstance(failure, NotRetryable):
+                    # Trying again would fail the same way (a certificate
+                    # not trusted): failed now, until repointed or remounted.
+                    self._lost = str(failure)
+                    self._fail(f"{failure}; not retrying")
+                    return
                 if failure is not None or self._lost is None:
                     if failure is not None:
                         log.debug("%s: reconnect failed: %s", self.name, failure)
@@ -431,13 +439,13 @@ class Node:
             self._back_online(f"repointed to {backend.name}")
         return old
 
-    def _fail(self) -> None:
+    def _fail(self, why: str | None = None) -> None:
         self._failed = True
         self.stats.failures += 1
         log.error(
-            "%s: lost for more than %g s: failed; its I/O gets EIO until it is back",
+            "%s: %s: failed; its I/O gets EIO until it is back",
             self.name,
-            self.timeout,
+            why or f"lost for more than {self.timeout:g} s",
         )
         self._update_gate()
 

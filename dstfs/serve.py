@@ -1,15 +1,24 @@
-"""`dstfs serve`: export a file or block device over NBD until SIGINT/SIGTERM."""
+"""`dstfs serve`: export a file or block device over NBD until SIGINT/SIGTERM.
+
+Rules: the access options (`--tls*`, `--allow`) are checked before anything
+listens, a bad one is a ValueError for the CLI; a server that may talk plain
+text on an address other than loopback says so in its log at start.
+"""
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import logging
 import os
 import signal
+import ssl
 
 import trio
 
 from dstfs.backends.file import FileBackend
-from dstfs.nbd.server import Export, NbdServer
+from dstfs.nbd.server import Export, NbdServer, Network
+from dstfs.nbd.tls import describe_ssl_error, server_context
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +30,56 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"--listen wants HOST:PORT, not {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+class TLSMode(enum.Enum):
+    REQUIRE = "require"
+    ALLOW = "allow"
+    OFF = "off"
+
+
+def parse_allow(text: str) -> Network:
+    """`ADDR` or `ADDR/PREFIX`, IPv4 or IPv6 (host bits may be set)."""
+    try:
+        return ipaddress.ip_network(text.strip().replace("[", "").replace("]", ""), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"--allow wants ADDR[/PREFIX] (e.g. 192.0.2.0/24, ::1), not {text!r}"
+        ) from None
+
+
+def tls_setup(
+    cert: str | None, key: str | None, ca: str | None, mode: str | None
+) -> tuple[ssl.SSLContext | None, bool]:
+    """The server's TLS context (None: no TLS) and whether TLS is required.
+    The default mode is require when a certificate is given, else off."""
+    tls_mode = TLSMode(mode) if mode else TLSMode.REQUIRE if cert else TLSMode.OFF
+    if tls_mode is TLSMode.OFF:
+        if cert or key or ca:
+            raise ValueError("--tls off takes no --tls-cert, --tls-key or --tls-ca")
+        return None, False
+    if not cert or not key:
+        raise ValueError(f"--tls {tls_mode.value} needs --tls-cert and --tls-key")
+    try:
+        ctx = server_context(cert, key, ca)
+    except ssl.SSLError as e:
+        raise ValueError(f"TLS certificate or key not usable: {describe_ssl_error(e)}") from None
+    except OSError as e:
+        raise ValueError(f"TLS files: {e.strerror or e}: {e.filename or cert}") from None
+    return ctx, tls_mode is TLSMode.REQUIRE
+
+
+def _plain_text_warning(listeners: list[trio.SocketListener], required: bool) -> None:
+    if required:
+        return
+    for lst in listeners:
+        host = lst.socket.getsockname()[0]
+        if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            log.warning(
+                "serving on %s without requiring TLS: anyone who reaches it can read and"
+                " write the export in plain text (use --tls-cert/--tls-key, --allow)",
+                host,
+            )
 
 
 def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
@@ -47,12 +106,18 @@ async def run_server(
     read_only: bool,
     max_connections: int = 256,
     handshake_timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+    tls_required: bool = False,
+    allow: list[Network] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     server = NbdServer(
         [Export(export, backend, read_only=read_only)],
         max_connections=max_connections,
         handshake_timeout=handshake_timeout,
+        tls=tls,
+        tls_required=tls_required,
+        allow=allow,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -64,6 +129,7 @@ async def run_server(
                 listeners = await nursery.start(server.serve_tcp, *listen)
                 addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
                 log.info("serving %s as %r on %s", backend.path, export, addrs)
+                _plain_text_warning(listeners, tls_required)
             task_status.started(listeners)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

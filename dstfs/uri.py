@@ -2,8 +2,14 @@
 frozen `NodeSpec`.
 
 Rules: parsing is pure and strict. Anything we cannot honour (an unknown
-scheme, a missing unix socket, TLS before it exists, a bad port or size) is a
-`ValueError` with a message fit for a user, never a silent default.
+scheme, a missing unix socket, a TLS parameter on a plain URI, a bad port or
+size) is a `ValueError` with a message fit for a user, never a silent default.
+- `nbds://` and `nbds+unix://` are TLS, never plain text; their query may
+  hold `tls-certificates=DIR` (absolute: ca-cert.pem, client-cert.pem,
+  client-key.pem), `tls-verify-peer=false` (no verification at all),
+  `tls-hostname=NAME` (the name to verify instead of the URI's host; a unix
+  socket has none, so without it only the chain is verified) and
+  `tls-type=x509` (the only type).
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ class NodeSpec:
     path: str | None = None
     #: Sectors of the node the array may use (None: the whole device).
     size: int | None = None
+    #: nbds:// or nbds+unix://: TLS is required (see the module's rules).
+    tls: bool = False
+    tls_certificates: str | None = None
+    tls_verify: bool = True
+    tls_hostname: str | None = None
 
     @property
     def is_remote(self) -> bool:
@@ -77,25 +88,32 @@ def parse_uri(uri: str) -> NodeSpec:
         if not path.startswith("/"):
             raise ValueError(f"{uri!r}: file URI needs an absolute path")
         return NodeSpec(kind="file", uri=uri, path=path)
-    if scheme in ("nbds", "nbds+unix"):
-        raise ValueError(f"{uri!r}: TLS (nbds) is not supported yet")
-    if scheme not in ("nbd", "nbd+unix"):
-        raise ValueError(f"{uri!r}: unknown scheme {scheme!r} (use nbd://, nbd+unix:// or file://)")
+    if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+        raise ValueError(
+            f"{uri!r}: unknown scheme {scheme!r} (use nbd://, nbds://, nbd+unix://,"
+            " nbds+unix:// or file://)"
+        )
+    tls = scheme.startswith("nbds")
+    kind = scheme.replace("nbds", "nbd")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     if len(export.encode()) > 4096:
         raise ValueError(f"{uri!r}: export name longer than 4096 bytes")
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    allowed = {"socket"} if scheme == "nbd+unix" else set()
-    unknown = sorted(set(query) - allowed)
+    allowed = {"socket"} if kind == "nbd+unix" else set()
+    unknown = sorted(set(query) - allowed - _TLS_PARAMS)
     if unknown:
         raise ValueError(f"{uri!r}: unsupported URI parameter {unknown[0]!r}")
-    if scheme == "nbd+unix":
+    for key, values in query.items():
+        if len(values) > 1:
+            raise ValueError(f"{uri!r}: URI parameter {key!r} given twice")
+    tls_opts = _tls_options(uri, tls, {k: v[0] for k, v in query.items() if k in _TLS_PARAMS})
+    if kind == "nbd+unix":
         sock = query.get("socket", [""])[0]
         if not sock:
-            raise ValueError(f"{uri!r}: nbd+unix URIs need ?socket=PATH")
+            raise ValueError(f"{uri!r}: {scheme} URIs need ?socket=PATH")
         if parts.netloc:
-            raise ValueError(f"{uri!r}: nbd+unix URIs take no host")
-        return NodeSpec(kind="nbd+unix", uri=uri, socket=sock, export=export)
+            raise ValueError(f"{uri!r}: {scheme} URIs take no host")
+        return NodeSpec(kind="nbd+unix", uri=uri, socket=sock, export=export, **tls_opts)
     host = parts.hostname
     if not host:
         raise ValueError(f"{uri!r}: nbd URIs need a host (nbd://HOST[:PORT]/EXPORT)")
@@ -107,7 +125,38 @@ def parse_uri(uri: str) -> NodeSpec:
         port = DEFAULT_PORT
     if not 0 < port < 65536:
         raise ValueError(f"{uri!r}: port out of range")
-    return NodeSpec(kind="nbd", uri=uri, host=host, port=port, export=export)
+    return NodeSpec(kind="nbd", uri=uri, host=host, port=port, export=export, **tls_opts)
+
+
+_TLS_PARAMS = {"tls-certificates", "tls-verify-peer", "tls-hostname", "tls-type"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _tls_options(uri: str, tls: bool, params: dict[str, str]) -> dict[str, object]:
+    """The NodeSpec fields of the tls-* query parameters."""
+    if not tls:
+        if params:
+            name = sorted(params)[0]
+            raise ValueError(f"{uri!r}: {name} needs a TLS URI (nbds:// or nbds+unix://)")
+        return {}
+    out: dict[str, object] = {"tls": True}
+    if "tls-type" in params and params["tls-type"].lower() != "x509":
+        raise ValueError(f"{uri!r}: tls-type {params['tls-type']!r} (only x509 is supported)")
+    if "tls-certificates" in params:
+        certs = params["tls-certificates"]
+        if not certs.startswith("/"):
+            raise ValueError(f"{uri!r}: tls-certificates needs an absolute directory")
+        out["tls_certificates"] = certs
+    if "tls-verify-peer" in params:
+        value = params["tls-verify-peer"].lower()
+        if value not in _TRUE | _FALSE:
+            raise ValueError(f"{uri!r}: tls-verify-peer is true or false, not {value!r}")
+        out["tls_verify"] = value in _TRUE
+    if "tls-hostname" in params:
+        if not params["tls-hostname"]:
+            raise ValueError(f"{uri!r}: empty tls-hostname")
+        out["tls_hostname"] = params["tls-hostname"]
+    return out
 
 
 def parse_node(text: str) -> NodeSpec:

@@ -9,6 +9,12 @@ Rules:
   (`connect(..., block_status=True)`: STRUCTURED_REPLY and SET_META_CONTEXT
   base:allocation), used for NBD_CMD_BLOCK_STATUS only: the data path keeps
   its simple replies.
+- TLS (nbds:// and nbds+unix://): NBD_OPT_STARTTLS is the first option,
+  the handshake verifies the server (nbd/tls.py), and every other option
+  follows inside TLS. A server that refuses STARTTLS or fails the TLS
+  handshake ends the attempt with `NotRetryable`: never plain text, and no
+  endless retry of what cannot heal. So does a server that insists on TLS
+  (NBD_REP_ERR_TLS_REQD) when the URI is plain nbd://.
 - Requests are pipelined and matched to replies by cookie; one reader task
   per connection wakes each waiting caller.
 - The server's NBD_INFO_BLOCK_SIZE is obeyed, as the spec requires of a
@@ -32,6 +38,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -39,10 +46,11 @@ from typing import TypeVar
 import outcome
 import trio
 
-from dstfs.iotypes import Buffer, ConnectionLost, scatter, write_zero_bytes
+from dstfs.iotypes import Buffer, ConnectionLost, NotRetryable, scatter, write_zero_bytes
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
-from dstfs.nbd.transport import connect_tcp, connect_unix
+from dstfs.nbd.tls import TLSHandshakeError, client_context, start_tls
+from dstfs.nbd.transport import SocketTransport, connect_tcp, connect_unix
 from dstfs.uri import NodeSpec, parse_uri
 
 log = logging.getLogger(__name__)
@@ -140,10 +148,18 @@ class NbdClient:
             raise ValueError(f"{spec.uri}: not an NBD URI")
         io = SocketIO(transport, peer)
         try:
-            conn, info, meta = await _handshake(io, spec.export, block_status)
+            conn, info, meta = await _handshake(io, spec, block_status)
         except P.ProtocolError as e:
             io.close()
             raise NbdError(errno.EPROTO, f"{spec.uri}: not an NBD server we can use: {e}") from None
+        except OSError as e:
+            io.close()
+            tls_error = getattr(io.transport, "tls_error", None)
+            if tls_error is not None and not isinstance(e, NotRetryable):
+                # TLS 1.3: the server judges our certificate after our side
+                # of the handshake is done; its verdict is the next read.
+                raise NotRetryable(errno.EACCES, f"{peer}: TLS: {tls_error}") from None
+            raise
         except BaseException:
             io.close()
             raise
@@ -570,9 +586,52 @@ async def _base_allocation(
     return None
 
 
+async def _starttls(io: SocketIO, conn: P.ClientConnection, spec: NodeSpec) -> None:
+    """NBD_OPT_STARTTLS and the TLS handshake; NotRetryable when the server
+    will not do TLS or TLS refuses it: an nbds URI never goes on in plain
+    text, and trying again would fail the same way."""
+    # No name to check on a unix socket unless the URI gives one.
+    check_name = spec.tls_hostname is not None or spec.kind == "nbd"
+    try:
+        ctx = client_context(spec.tls_certificates, spec.tls_verify, check_name)
+    except (OSError, ssl.SSLError) as e:
+        raise NotRetryable(
+            e.errno if e.errno and not isinstance(e, ssl.SSLError) else errno.EINVAL,
+            f"{spec.uri}: TLS certificates: {e.strerror or e}",
+        ) from None
+    replies = await _option(io, conn, P.Opt.STARTTLS, b"")
+    if replies[-1].rep != P.Rep.ACK:
+        raise NotRetryable(
+            errno.EPROTO,
+            f"{io.peer}: the server refuses TLS ({_rep_name(replies[-1].rep)});"
+            " an nbds URI never falls back to plain text",
+        )
+    conn.tls_started()
+    assert isinstance(io.transport, SocketTransport)
+    try:
+        io.transport = await start_tls(
+            io.transport,
+            ctx,
+            server_side=False,
+            server_hostname=spec.tls_hostname or spec.host,
+            peer=io.peer,
+        )
+    except TLSHandshakeError as e:
+        raise NotRetryable(errno.EACCES, f"{io.peer}: {e.strerror}") from None
+    log.debug("%s: TLS %s", spec.uri, io.transport.version)
+
+
+def _rep_name(rep: int) -> str:
+    try:
+        return P.Rep(rep).name
+    except ValueError:
+        return hex(rep)
+
+
 async def _handshake(
-    io: SocketIO, export: str, block_status: bool = False
+    io: SocketIO, spec: NodeSpec, block_status: bool = False
 ) -> tuple[P.ClientConnection, P.ExportInfo, int | None]:
+    export = spec.export
     conn = P.ClientConnection()
     greeting = await _expect(io, conn, P.ServerGreeting)
     if not greeting.flags & P.HandshakeFlag.FIXED_NEWSTYLE:
@@ -581,6 +640,8 @@ async def _handshake(
     if greeting.flags & P.HandshakeFlag.NO_ZEROES:
         flags |= P.ClientFlag.NO_ZEROES
     await io.send_all(conn.client_flags_message(flags))
+    if spec.tls:
+        await _starttls(io, conn, spec)
     meta = await _base_allocation(io, conn, export, block_status)
     await io.send_all(conn.option(P.Opt.GO, P.encode_go_data(export, (P.Info.BLOCK_SIZE,))))
     info: P.ExportInfo | None = None
@@ -596,10 +657,13 @@ async def _handshake(
             break  # an old server: fall back to EXPORT_NAME
         else:
             msg = bytes(ev.data).decode(errors="replace")
-            try:
-                rep = P.Rep(ev.rep).name
-            except ValueError:
-                rep = hex(ev.rep)
+            rep = _rep_name(ev.rep)
+            if ev.rep == P.Rep.ERR_TLS_REQD:
+                # The server insists on TLS: ask for it with nbds:// (GO
+                # never goes on without it, so this is not worth retrying).
+                raise NotRetryable(
+                    errno.EACCES, f"{io.peer}: the server requires TLS (use an nbds:// URI)"
+                )
             err = errno.ENOENT if ev.rep == P.Rep.ERR_UNKNOWN else errno.EPROTO
             raise NbdError(err, f"{io.peer}: export {export!r} refused: {rep} {msg}".strip())
     await io.send_all(conn.option(P.Opt.EXPORT_NAME, export.encode()))

@@ -624,6 +624,11 @@ class _Decoder:
         self._discard = n - k
 
 
+def _check_nothing_buffered(decoder: _Decoder, who: str) -> None:
+    if decoder.buffered or decoder._payload is not None or decoder._discard:
+        raise ProtocolError(f"{who} sent plain-text bytes past STARTTLS, before the TLS handshake")
+
+
 class _Phase(enum.Enum):
     GREETING = "greeting"
     CLIENT_FLAGS = "client-flags"
@@ -767,6 +772,13 @@ class ServerConnection(_Decoder):
             self.phase = _Phase.CLOSED
         return Request(flags, cmd, cookie, offset, length)
 
+    def tls_started(self) -> None:
+        """STARTTLS was acknowledged: what was negotiated before is gone (the
+        spec), and bytes received past the option came in plain text before
+        TLS: accepting them would let a man in the middle inject options."""
+        _check_nothing_buffered(self, "client")
+        self.structured_replies = False
+
     # -- encoders
 
     def option_reply(self, opt: int, rep: int, data: bytes = b"") -> bytes:
@@ -844,6 +856,11 @@ class ClientConnection(_Decoder):
         self._last_opt: int | None = None
         self._reads: dict[int, int | list[memoryview]] = {}
         self._reply: tuple[int, ...] | None = None
+        self.structured_replies = False
+
+    def tls_started(self) -> None:
+        """The server acknowledged STARTTLS (see ServerConnection.tls_started)."""
+        _check_nothing_buffered(self, "server")
         self.structured_replies = False
 
     # -- encoders

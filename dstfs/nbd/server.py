@@ -28,6 +28,15 @@ Rules:
   export; unknown command) gets an NBD error reply; a protocol violation
   (bad magic, unknown client flags) drops that connection only. The server
   never crashes for a client, and keeps serving the others.
+- TLS (NBD_OPT_STARTTLS) when the server has a TLS context: `tls_required`
+  is the spec's FORCEDTLS (every option but STARTTLS and ABORT gets
+  NBD_REP_ERR_TLS_REQD before TLS, EXPORT_NAME closes the connection),
+  otherwise TLS is the client's choice (SELECTIVETLS with no TLS-only
+  export). After STARTTLS nothing negotiated before counts; plain bytes
+  that arrived behind it close the connection (no injection). Without a
+  context STARTTLS is NBD_REP_ERR_UNSUP.
+- `allow` (networks): a TCP peer outside them is closed before the
+  greeting, and logged. Unix socket peers are not filtered.
 - CAN_MULTI_CONN is advertised: every connection shares one file descriptor,
   so a FLUSH on one covers writes acknowledged on all.
 """
@@ -36,10 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import math
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 
 import attrs
@@ -50,6 +61,7 @@ from dstfs.backends.file import FileBackend
 from dstfs.iotypes import ConnectionLost, PayloadPool
 from dstfs.nbd import protocol as P
 from dstfs.nbd.sockio import HIGH_WATER, SocketIO
+from dstfs.nbd.tls import TLSHandshakeError, start_tls
 from dstfs.nbd.transport import SocketTransport
 
 log = logging.getLogger(__name__)
@@ -81,6 +93,8 @@ _FLAGS = {
 }
 #: The id this server gives the base:allocation metadata context.
 BASE_ALLOCATION_ID = 1
+_TLS_REQD = b"TLS is required: send NBD_OPT_STARTTLS first"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @attrs.define
@@ -112,6 +126,9 @@ class ServerStats:
     refused: int = 0
     #: Connections closed for not finishing the handshake in time.
     handshake_timeouts: int = 0
+    #: TCP peers closed before the greeting: not in `allow`.
+    disallowed: int = 0
+    tls_failures: int = 0
 
 
 class NbdServer:
@@ -124,9 +141,14 @@ class NbdServer:
         max_connections: int = MAX_CONNECTIONS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         payload_memory: int = PAYLOAD_MEMORY,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
+        allow: Sequence[Network] | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
+        if tls_required and tls is None:
+            raise ValueError("TLS cannot be required without a TLS context")
         self.exports = {e.name: e for e in exports}
         self.default = exports[0]
         self.stats = ServerStats()
@@ -138,6 +160,9 @@ class NbdServer:
         #: Connections waiting for payload memory, served first come first.
         self._memory_queue = trio.StrictFIFOLock()
         self.memory_waiters = 0
+        self.tls = tls
+        self.tls_required = tls_required
+        self.allow = list(allow) if allow is not None else None
 
     def take_buffer(self, n: int) -> memoryview | None:
         """A payload buffer now, or None: the pool is full, or others wait
@@ -170,6 +195,18 @@ class NbdServer:
         device takes bytes), 4096 preferred (a page: no read-modify-write
         in the page cache), our payload limit."""
         return 1, PREFERRED_BLOCK, P.MAX_PAYLOAD
+
+    def allowed(self, address: str) -> bool:
+        """Whether a TCP peer at `address` may connect (see `allow`)."""
+        if self.allow is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack socket
+        return any(ip.version == net.version and ip in net for net in self.allow)
 
     def find(self, name: str) -> Export | None:
         if name == "":
@@ -283,6 +320,12 @@ class NbdServer:
 
     def _start(self, raw: socket.socket, addr: object, nursery: trio.Nursery) -> None:
         peer = _peer_name(raw.family, addr)
+        tcp = raw.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp and not self.allowed(addr[0]):  # type: ignore[index]
+            self.stats.disallowed += 1
+            log.warning("%s: refused: not in --allow", peer)
+            raw.close()
+            return
         if self.stats.active >= self.max_connections:
             self.stats.refused += 1
             log.warning(
@@ -309,6 +352,9 @@ class NbdServer:
         except P.ProtocolError as e:
             self.stats.protocol_errors += 1
             log.warning("%s: protocol error, disconnecting: %s", io.peer, e)
+        except TLSHandshakeError as e:
+            self.stats.tls_failures += 1
+            log.warning("%s: %s, disconnecting", io.peer, e.strerror)
         except ConnectionLost as e:
             log.info("%s: client gone: %s", io.peer, e)
         except OSError as e:
@@ -340,6 +386,8 @@ class _Session:
         #: The export SET_META_CONTEXT named, and the base:allocation id it selected.
         self.meta_export: str | None = None
         self.meta_id: int | None = None
+        #: TLS was initiated on this connection (STARTTLS).
+        self.tls = False
 
     async def run(self) -> None:
         # Until GO or EXPORT_NAME: then the deadline goes (see _option).
@@ -426,7 +474,10 @@ class _Session:
                 await self._option(ev)
             elif type(ev) is P.OptionTooBig:
                 log.warning("%s: option %d with %d bytes refused", self.io.peer, ev.opt, ev.length)
-                await self._reply(ev.opt, P.Rep.ERR_TOO_BIG, b"option data too large")
+                if self._tls_missing():
+                    await self._reply(ev.opt, P.Rep.ERR_TLS_REQD, _TLS_REQD)
+                else:
+                    await self._reply(ev.opt, P.Rep.ERR_TOO_BIG, b"option data too large")
             elif type(ev) is P.ClientFlags:
                 pass
 
@@ -435,8 +486,21 @@ class _Session:
 
     # -- handshake
 
+    def _tls_missing(self) -> bool:
+        return self.server.tls_required and not self.tls
+
     async def _option(self, ev: P.Option) -> None:
         opt, data, peer = ev.opt, ev.data, self.io.peer
+        if opt == P.Opt.STARTTLS and self.server.tls is not None:
+            await self._starttls(data)
+            return
+        if self._tls_missing() and opt != P.Opt.ABORT:
+            if opt == P.Opt.EXPORT_NAME:  # it has no error reply
+                log.warning("%s: EXPORT_NAME without TLS, which is required: disconnecting", peer)
+                raise _Disconnect
+            log.info("%s: option %d refused: TLS is required", peer, opt)
+            await self._reply(opt, P.Rep.ERR_TLS_REQD, _TLS_REQD)
+            return
         if opt == P.Opt.EXPORT_NAME:
             export = self.server.find(data.decode(errors="replace"))
             if export is None:
@@ -469,6 +533,25 @@ class _Session:
         else:
             log.info("%s: option %d not supported", peer, opt)
             await self._reply(opt, P.Rep.ERR_UNSUP)
+
+    async def _starttls(self, data: bytes) -> None:
+        opt = P.Opt.STARTTLS
+        if data:
+            await self._reply(opt, P.Rep.ERR_INVALID, b"STARTTLS takes no data")
+            return
+        if self.tls:
+            await self._reply(opt, P.Rep.ERR_INVALID, b"TLS is already running")
+            return
+        await self._reply(opt, P.Rep.ACK)
+        self.conn.tls_started()  # before the handshake: no plain bytes behind it
+        transport = self.io.transport
+        assert isinstance(transport, SocketTransport) and self.server.tls is not None
+        self.io.transport = await start_tls(
+            transport, self.server.tls, server_side=True, peer=self.io.peer
+        )
+        self.tls = True
+        self.meta_export, self.meta_id = None, None
+        log.info("%s: TLS %s", self.io.peer, self.io.transport.version)
 
     async def _meta_context(self, opt: int, data: bytes) -> None:
         """LIST answers which contexts match the queries (all with none);

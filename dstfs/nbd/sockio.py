@@ -16,7 +16,8 @@ system call and one wake-up of the peer instead of 32. The queue is bounded
 in bytes: `wait_room()` holds producers while it is over `HIGH_WATER`.
 - Nothing here assumes a raw socket: every byte goes through the
   `Transport`; file slices go with sendfile(2) where the transport can, else
-  are read and sent as bytes.
+  are read and sent as bytes. `transport` may be replaced while nothing is
+  in flight (STARTTLS swaps in the TLS transport, nbd/tls.py).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class Decoder(Protocol):
     def payload_buffers(self) -> list[memoryview] | None: ...
     def payload_received(self, n: int) -> None: ...
     def receive_data(self, data: memoryview) -> None: ...
+
+
+def _why(e: OSError) -> str:
+    # The transport's own words where it has them ("TLS: ..."), else the errno's.
+    return e.strerror or os.strerror(e.errno or errno.EIO)
 
 
 class SocketIO:
@@ -206,7 +212,7 @@ class SocketIO:
         try:
             yield
         except OSError as e:
-            raise self._fail(f"{what} failed: {os.strerror(e.errno or errno.EIO)}") from None
+            raise self._fail(f"{what} failed: {_why(e)}") from None
         except trio.ClosedResourceError:
             raise self._fail("socket closed during send") from None
         except BaseException:
@@ -232,7 +238,7 @@ class SocketIO:
             except BlockingIOError:
                 sent = 0
             except OSError as e:
-                raise self._fail(f"send failed: {os.strerror(e.errno or errno.EIO)}") from None
+                raise self._fail(f"send failed: {_why(e)}") from None
             total = sum(len(b) for b in bufs)
             if sent == total:
                 return
@@ -276,7 +282,7 @@ class SocketIO:
             except BlockingIOError:
                 pass
             except OSError as e:
-                raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
+                raise self._fail(f"receive failed: {_why(e)}") from None
             try:
                 await self.transport.wait_readable()
             except trio.ClosedResourceError:

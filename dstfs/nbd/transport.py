@@ -1,4 +1,4 @@
-"""The byte stream under `SocketIO`: a plain socket today, TLS next.
+"""The byte stream under `SocketIO`: a plain socket here, TLS in nbd/tls.py.
 
 Rules:
 - A transport is non-blocking. `send`, `recv_into` and `recvmsg_into` raise
