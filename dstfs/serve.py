@@ -69,17 +69,19 @@ def tls_setup(
     return ctx, tls_mode is TLSMode.REQUIRE
 
 
-def _plain_text_warning(listeners: list[trio.SocketListener], required: bool) -> None:
-    if required:
-        return
-    for lst in listeners:
-        host = lst.socket.getsockname()[0]
-        if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
-            log.warning(
-                "serving on %s without requiring TLS: anyone who reaches it can read and"
-                " write the export in plain text (use --tls-cert/--tls-key, --allow)",
-                host,
-            )
+def warn_if_plain_text(hosts: list[str], tls_required: bool) -> bool:
+    """Log a warning (and say True) when a server that does not require TLS
+    listens on an address other than loopback."""
+    if tls_required:
+        return False
+    exposed = [h for h in hosts if not ipaddress.ip_address(h.split("%", 1)[0]).is_loopback]
+    for host in exposed:
+        log.warning(
+            "serving on %s without requiring TLS: whoever reaches it reads and writes"
+            " the export in plain text (see --tls-cert, --tls-key, --allow)",
+            host,
+        )
+    return bool(exposed)
 
 
 def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
@@ -129,7 +131,7 @@ async def run_server(
                 listeners = await nursery.start(server.serve_tcp, *listen)
                 addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
                 log.info("serving %s as %r on %s", backend.path, export, addrs)
-                _plain_text_warning(listeners, tls_required)
+                warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], tls_required)
             task_status.started(listeners)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

@@ -371,7 +371,7 @@ def open_fds() -> int:
     [
         ("nbd://", errno.EINVAL),
         ("bogus://host/x", errno.EINVAL),
-        ("nbds://127.0.0.1/x", errno.EINVAL),
+        ("nbds://127.0.0.1/x?tls-type=psk", errno.EINVAL),
         ("nbd://127.0.0.1:99999", errno.EINVAL),
         ("FILE,size=abc", errno.EINVAL),
         ("FILE,size=0", errno.EINVAL),

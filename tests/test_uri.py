@@ -12,6 +12,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,6 +26,11 @@ def nbd(uri: str, host: str, port: int = 10809, export: str = "") -> NodeSpec:
 
 def unix(uri: str, socket: str, export: str = "") -> NodeSpec:
     return NodeSpec(kind="nbd+unix", uri=uri, socket=socket, export=export)
+
+
+def tls(spec: NodeSpec, **kw: object) -> NodeSpec:
+    fields = {f"tls_{k}": v for k, v in kw.items()}
+    return attrs.evolve(spec, tls=True, **fields)
 
 
 def file(uri: str, path: str) -> NodeSpec:
@@ -49,6 +55,30 @@ URIS = [
     ("nbd+unix:///exp?socket=/tmp/s", unix("nbd+unix:///exp?socket=/tmp/s", "/tmp/s", "exp")),
     ("nbd+unix:///disk?socket=sock", unix("nbd+unix:///disk?socket=sock", "sock", "disk")),
     ("nbd+unix:///?socket=%00/abstract", unix("nbd+unix:///?socket=%00/abstract", "\x00/abstract")),
+    ("nbds://h/e", tls(nbd("nbds://h/e", "h", export="e"))),
+    ("NBDS://h:7/e", tls(nbd("NBDS://h:7/e", "h", 7, "e"))),
+    (
+        "nbds://h/e?tls-certificates=/etc/pki/x&tls-verify-peer=false",
+        tls(
+            nbd("nbds://h/e?tls-certificates=/etc/pki/x&tls-verify-peer=false", "h", export="e"),
+            certificates="/etc/pki/x",
+            verify=False,
+        ),
+    ),
+    (
+        "nbds://[::1]/?tls-verify-peer=1&tls-type=X509&tls-hostname=srv.example",
+        tls(
+            nbd("nbds://[::1]/?tls-verify-peer=1&tls-type=X509&tls-hostname=srv.example", "::1"),
+            hostname="srv.example",
+        ),
+    ),
+    (
+        "nbds+unix:///e?socket=/s&tls-certificates=/c%2Cd",
+        tls(
+            unix("nbds+unix:///e?socket=/s&tls-certificates=/c%2Cd", "/s", "e"),
+            certificates="/c,d",
+        ),
+    ),
     ("file:///path/disk.img", file("file:///path/disk.img", "/path/disk.img")),
     ("file://localhost/var/my%20disk", file("file://localhost/var/my%20disk", "/var/my disk")),
     ("/dev/sdb", file("file:///dev/sdb", "/dev/sdb")),
@@ -101,8 +131,15 @@ BAD_URIS = [
     ("nbd://h:abc/", "bad port"),
     ("nbd://h:65536/", "bad port"),
     ("nbd://h:0/", "port out of range"),
-    ("nbds://h/e", "TLS (nbds) is not supported yet"),
-    ("nbds+unix:///e?socket=/s", "TLS (nbds) is not supported yet"),
+    ("nbds+unix:///e", "nbds+unix URIs need ?socket=PATH"),
+    ("nbd://h/e?tls-certificates=/c", "tls-certificates needs a TLS URI (nbds://"),
+    ("nbd+unix:///e?socket=/s&tls-verify-peer=0", "tls-verify-peer needs a TLS URI"),
+    ("nbds://h/e?tls-certificates=rel/dir", "tls-certificates needs an absolute directory"),
+    ("nbds://h/e?tls-verify-peer=maybe", "tls-verify-peer is true or false, not 'maybe'"),
+    ("nbds://h/e?tls-type=psk", "tls-type 'psk' (only x509 is supported)"),
+    ("nbds://h/e?tls-hostname=", "empty tls-hostname"),
+    ("nbds://h/e?tls-verify-peer=0&tls-verify-peer=1", "'tls-verify-peer' given twice"),
+    ("nbds://h/e?tls-psk-file=/k", "unsupported URI parameter 'tls-psk-file'"),
     ("example.com:10809", "not a URI"),
     ("file://otherhost/p", "local path"),
     ("nbd://h/" + "x" * 4097, "longer than 4096 bytes"),

@@ -618,7 +618,7 @@ async def _starttls(io: SocketIO, conn: P.ClientConnection, spec: NodeSpec) -> N
         )
     except TLSHandshakeError as e:
         raise NotRetryable(errno.EACCES, f"{io.peer}: {e.strerror}") from None
-    log.debug("%s: TLS %s", spec.uri, io.transport.version)
+    log.debug("%s: TLS %s", spec.uri, io.transport.describe())
 
 
 def _rep_name(rep: int) -> str:

@@ -551,7 +551,7 @@ class _Session:
         )
         self.tls = True
         self.meta_export, self.meta_id = None, None
-        log.info("%s: TLS %s", self.io.peer, self.io.transport.version)
+        log.info("%s: TLS %s", self.io.peer, self.io.transport.describe())
 
     async def _meta_context(self, opt: int, data: bytes) -> None:
         """LIST answers which contexts match the queries (all with none);

@@ -159,6 +159,9 @@ class SocketIO:
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def _send_mixed(self, items: list[Buffer | FileSlice]) -> None:
+        if not self.transport.can_sendfile:
+            await self._send_read(items)
+            return
         run: list[Buffer] = []
         for item in items:
             if type(item) is FileSlice:
@@ -174,9 +177,6 @@ class SocketIO:
     async def _sendfile(self, piece: FileSlice) -> None:
         offset, left = piece.offset, piece.count
         transport = self.transport
-        if not transport.can_sendfile:
-            await self._send_file_bytes(piece)
-            return
         with self._sending("sendfile"):
             while left:
                 try:
@@ -190,20 +190,34 @@ class SocketIO:
                 offset += n
                 left -= n
 
-    async def _send_file_bytes(self, piece: FileSlice) -> None:
-        """A file slice over a transport without sendfile: read and send it
-        in pieces; past the end of a short file, zeroes."""
-        offset, end = piece.offset, piece.offset + piece.count
-        while offset < end:
-            n = min(_FILE_PIECE, end - offset)
-            try:
-                data = os.pread(piece.fd, n, offset)
-            except OSError as e:
-                raise self._fail(f"file read failed: {os.strerror(e.errno or errno.EIO)}") from None
-            if not data:
-                data = bytes(n)
-            await self.send_all(data)
-            offset += len(data)
+    async def _send_read(self, items: list[Buffer | FileSlice]) -> None:
+        """A transport without sendfile: file slices are read in pieces and
+        sent with the buffers around them (a reply's header goes with its
+        data); past the end of a short file, zeroes."""
+        run: list[Buffer] = []
+        size = 0
+        for item in items:
+            if type(item) is not FileSlice:
+                run.append(item)  # type: ignore[arg-type]
+                size += len(item)
+                continue
+            offset, end = item.offset, item.offset + item.count
+            while offset < end:
+                n = min(_FILE_PIECE, end - offset)
+                try:
+                    data = os.pread(item.fd, n, offset)
+                except OSError as e:
+                    raise self._fail(f"file read failed: {_why(e)}") from None
+                if not data:
+                    data = bytes(n)
+                run.append(data)
+                size += len(data)
+                offset += len(data)
+                if size >= _FILE_PIECE:
+                    await self.send_all(*run)
+                    run, size = [], 0
+        if run:
+            await self.send_all(*run)
 
     @contextlib.contextmanager
     def _sending(self, what: str) -> Iterator[None]:

@@ -12,8 +12,7 @@ Rules:
   so `wait_readable()` / `wait_writable()` wait for what TLS really needs,
   and decrypted bytes already held are returned without waiting.
 - It has no sendfile: file slices are read and sent as bytes (sockio).
-  Small buffers are joined (at most 64 KiB copied per send) so a reply's
-  header shares a TLS record with its data; large buffers go as they are.
+  Small buffers are joined up to a TLS record; large ones go as they are.
 - TLS 1.2 or later, no renegotiation. A server with a CA verifies and
   requires client certificates; a client verifies the server's chain and
   name unless told not to.
@@ -37,8 +36,9 @@ import trio
 from dstfs.iotypes import Buffer, ConnectionLost
 from dstfs.nbd.transport import SocketTransport
 
-#: Small buffers are joined into one TLS write up to this many bytes.
-_JOIN = 64 * 1024
+#: Small buffers are joined into one TLS write up to this many bytes (a
+#: full TLS record).
+_JOIN = 16 * 1024
 #: The certificate files of a client's `tls-certificates=DIR` (GnuTLS names,
 #: as nbdkit, qemu and libnbd use them).
 CA_CERT, CLIENT_CERT, CLIENT_KEY = "ca-cert.pem", "client-cert.pem", "client-key.pem"
@@ -93,6 +93,31 @@ def client_context(certificates: str | None, verify: bool, check_name: bool) -> 
     return ctx
 
 
+def _next_write(bufs: Sequence[Buffer], i: int, off: int) -> tuple[Buffer, int, int]:
+    """The bytes of one TLS write starting at byte `off` of bufs[i], and
+    where the next one starts. A large buffer goes as it is; small ones are
+    joined with each other and with the head of the next large one up to one
+    TLS record, so a reply's header costs no record (and system call) of its
+    own. Writes depend only on the bytes from their start: a write that
+    would block is retried by the caller from that byte, and comes out the
+    same, as OpenSSL requires."""
+    first = bufs[i] if not off else memoryview(bufs[i])[off:]
+    if len(first) >= _JOIN or i + 1 == len(bufs):
+        return first, i + 1, 0
+    parts, size = [first], len(first)
+    i += 1
+    while i < len(bufs) and size < _JOIN:
+        b = bufs[i]
+        take = _JOIN - size
+        if take < len(b):
+            parts.append(memoryview(b)[:take])
+            return b"".join(parts), i, take
+        parts.append(b)
+        size += len(b)
+        i += 1
+    return b"".join(parts), i, 0
+
+
 class TLSTransport:
     """A TLS stream over a connected non-blocking socket (see the rules)."""
 
@@ -108,42 +133,40 @@ class TLSTransport:
         #: Set once TLS itself failed (alert, verification, bad record).
         self.tls_error: str | None = None
 
-    @property
-    def version(self) -> str | None:
-        return self.sock.version()
+    def describe(self) -> str:
+        """The protocol version and cipher, for the log."""
+        cipher = self.sock.cipher()
+        return f"{self.sock.version()} {cipher[0] if cipher else '?'}"
 
     def _failed(self, e: ssl.SSLError) -> OSError:
         self.tls_error = describe_ssl_error(e)
         return OSError(errno.EPROTO, f"TLS: {self.tls_error}")
 
     def send(self, bufs: Sequence[Buffer], /) -> int:
-        first = bufs[0]
-        if len(bufs) == 1 or len(first) >= _JOIN:
-            data: Buffer = first
-        else:
-            # Retried with the same arguments after a would-block, this
-            # builds the same bytes again, as OpenSSL requires of a retry.
-            parts, n = [], 0
-            for b in bufs:
-                take = min(len(b), _JOIN - n)
-                parts.append(b if take == len(b) else memoryview(b)[:take])
-                n += take
-                if n >= _JOIN:
-                    break
-            data = b"".join(parts)
-        if not len(data):
-            return 0
-        try:
-            return self.sock.send(data)
-        except ssl.SSLWantWriteError:
-            self._write_needs = "w"
-        except ssl.SSLWantReadError:
-            self._write_needs = "r"
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            raise BrokenPipeError(errno.EPIPE, "TLS stream closed by the peer") from None
-        except ssl.SSLError as e:
-            raise self._failed(e) from None
-        raise BlockingIOError
+        """Send a prefix of `bufs`, one TLS write per large buffer or per
+        run of small ones, until all is sent or TLS would block."""
+        sent = 0
+        i, off, n = 0, 0, len(bufs)
+        sock = self.sock
+        while i < n:
+            data, i, off = _next_write(bufs, i, off)
+            if not len(data):
+                continue
+            try:
+                sent += sock.send(data)
+                continue
+            except ssl.SSLWantWriteError:
+                self._write_needs = "w"
+            except ssl.SSLWantReadError:
+                self._write_needs = "r"
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                raise BrokenPipeError(errno.EPIPE, "TLS stream closed by the peer") from None
+            except ssl.SSLError as e:
+                raise self._failed(e) from None
+            if sent:
+                return sent
+            raise BlockingIOError
+        return sent
 
     def recv_into(self, buf: memoryview, /) -> int:
         """Up to len(buf) bytes: keeps reading TLS records while they are
