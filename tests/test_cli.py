@@ -95,7 +95,14 @@ def test_mount_on_a_missing_directory_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "uri", ["nbd://", "bogus://x/y", "nbd://127.0.0.1:99999", "nbd://h/x,size=zero", "nbds://h/x?tls-verify-peer=2"]
+    "uri",
+    [
+        "nbd://",
+        "bogus://x/y",
+        "nbd://127.0.0.1:99999",
+        "nbd://h/x,size=zero",
+        "nbds://h/x?tls-verify-peer=2",
+    ],
 )
 def test_mount_with_a_malformed_node_uri_is_one_line(tmp_path: Path, uri: str) -> None:
     line, _ = failed_mount(tmp_path, "--node", uri)
