@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 from certs import client_dir, make_pki
-from mounts import mounted
+from mounts import MountFailed, mounted
 from procs import DSTFS, dstfs_server, nbdkit_proc, need
 from test_server import (
     CMD_READ,
@@ -388,7 +388,9 @@ async def test_node_fails_at_once_when_its_server_is_no_longer_trusted(
 # ---------------------------------------------------------------- dstfs -> nbdkit
 
 
-def test_dstfs_mounts_an_nbdkit_tls_node(tmp_path: Path, pki: Path, cdir: Path) -> None:
+def test_dstfs_mounts_an_nbdkit_tls_node(
+    tmp_path: Path, pki: Path, cdir: Path, untrusted: Path
+) -> None:
     with nbdkit_proc(
         "--tls=require", f"--tls-certificates={pki}", "--tls-verify-peer", "memory", "64M"
     ) as (uri, _):
@@ -417,6 +419,12 @@ def test_dstfs_mounts_an_nbdkit_tls_node(tmp_path: Path, pki: Path, cdir: Path) 
                 f.seek(3 * MiB)
                 assert f.read(MiB) == data
             assert "R: 127.0.0.1:" in (mnt / "n-0" / "type").read_text()
+        # A server the client does not trust: the mount fails, one line.
+        other = client_dir(untrusted, tmp_path / "other-client")
+        with pytest.raises(MountFailed) as info, mounted(tmp_path, nodes=[nbds(uri, other)]):
+            pass
+        lines = info.value.result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "certificate verify failed" in lines[0], lines
 
 
 # ---------------------------------------------------------------- --allow
