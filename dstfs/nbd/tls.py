@@ -132,6 +132,7 @@ class TLSTransport:
         self._write_needs = "w"
         #: Set once TLS itself failed (alert, verification, bad record).
         self.tls_error: str | None = None
+        self._cork = sock.family in (socket.AF_INET, socket.AF_INET6)
 
     def describe(self) -> str:
         """The protocol version and cipher, for the log."""
@@ -145,9 +146,21 @@ class TLSTransport:
     def send(self, bufs: Sequence[Buffer], /) -> int:
         """Send a prefix of `bufs`, one TLS write per large buffer or per
         run of small ones, until all is sent or TLS would block."""
+        sock = self.sock
+        cork = self._cork and (len(bufs) > 1 or len(bufs[0]) > _JOIN)
+        if cork:
+            # One TLS record per write(2) (OpenSSL's way): corked, the
+            # kernel sends them as full segments, not one each.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            return self._send(bufs, sock)
+        finally:
+            if cork:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+    def _send(self, bufs: Sequence[Buffer], sock: ssl.SSLSocket) -> int:
         sent = 0
         i, off, n = 0, 0, len(bufs)
-        sock = self.sock
         while i < n:
             data, i, off = _next_write(bufs, i, off)
             if not len(data):
