@@ -147,7 +147,8 @@ class TLSTransport:
         """Send a prefix of `bufs`, one TLS write per large buffer or per
         run of small ones, until all is sent or TLS would block."""
         sock = self.sock
-        cork = self._cork and (len(bufs) > 1 or len(bufs[0]) > _JOIN)
+        # Only worth two more system calls when it is more than one record.
+        cork = self._cork and sum(len(b) for b in bufs) > _JOIN
         if cork:
             # One TLS record per write(2) (OpenSSL's way): corked, the
             # kernel sends them as full segments, not one each.
