@@ -3,7 +3,7 @@ elsewhere: nbdinfo, nbdcopy and qemu-img against `dstfs serve --tls-cert`,
 the dstfs client and a dstfs mount against `nbdkit --tls=require`, client
 certificates with `--tls-ca`, plain clients and untrusted servers refused,
 a node whose server is not trusted failed at once. Certificates are made by
-the openssl command line (tests/certs.py)."""
+the openssl command line (tests/helpers/certs.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from certs import client_dir, make_pki
-from mounts import MountFailed, mounted
-from procs import DSTFS, dstfs_server, nbdkit_proc, need
+from helpers.certs import client_dir, make_pki
+from helpers.mounts import MountFailed, mounted
+from helpers.procs import DSTFS, dstfs_server, nbdkit_proc, need
 from test_server import (
     CMD_READ,
     OPT_EXPORT_NAME,
@@ -435,14 +435,14 @@ async def test_allow_closes_other_peers_before_the_greeting(backend: FileBackend
     async with serving(server) as port:
         r = await Raw.connect(port)
         assert await r.until_closed() == b""
-        assert server.stats.refused == 1 and server.stats.connections == 0
+        assert server.stats.disallowed == 1 and server.stats.connections == 0
     server = NbdServer(
         [Export("", backend)], allow=[parse_allow("::1"), parse_allow("127.0.0.0/8")]
     )
     async with serving(server) as port:
         async with open_client(f"nbd://127.0.0.1:{port}") as c:
             assert bytes(await c.pread(0, 512)) == bytes(512)
-        assert server.stats.refused == 0
+        assert server.stats.disallowed == 0
 
 
 def test_allow_matches_addresses() -> None:
@@ -496,7 +496,7 @@ def test_ipv6_allow(tmp_path: Path) -> None:
                     with pytest.raises(OSError):
                         async with open_client(f"nbd://[::1]:{port}"):
                             pass
-                    assert server.stats.refused == 1
+                    assert server.stats.disallowed == 1
                 nursery.cancel_scope.cancel()
         await backend.aclose()
 

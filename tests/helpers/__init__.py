@@ -8,4 +8,5 @@
 - `netns`: network namespaces for the cut-link tests.
 - `patterns`: the offset pattern node images are filled with.
 - `aio`: small trio helpers for the in-process tests.
+- `certs`: TLS certificates made with openssl (a CA, server and client).
 """

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from procs import need
+from helpers.procs import need
 
 
 def _openssl(*args: str, cwd: Path) -> None:
