@@ -32,6 +32,7 @@ import trio
 from dstfs import mountinfo, registry, state, statelock
 from dstfs.algorithms import make_algorithm
 from dstfs.defaults import default_config
+from dstfs.export import ExportOptions, parse_export_address
 from dstfs.uri import parse_node, parse_size
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError(f"{mountpoint}: already a mount point ({found.fstype}; busy)")
     if not os.path.isdir(mountpoint):
         raise CliError(f"{mountpoint}: not a directory")
+    exports = _export_options(args)
     state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
     state_dir = state_dir.absolute()
     real_state = os.path.realpath(state_dir)
@@ -163,8 +165,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     if args.foreground or args.ready_fd is not None:
-        return _run_daemon(args, mountpoint, config, state_dir, lock_fd)
-    return _spawn_daemon(args, mountpoint, state_dir, lock_fd)
+        return _run_daemon(args, mountpoint, config, state_dir, lock_fd, exports)
+    return _spawn_daemon(args, mountpoint, state_dir, lock_fd, exports)
+
+
+def _export_options(args: argparse.Namespace) -> ExportOptions:
+    """`--export` addresses (checked before anything starts)."""
+    try:
+        addrs = [parse_export_address(a, args.export_any_address) for a in args.export or ()]
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    paths = [a.path for a in addrs if a.path is not None]
+    if len(set(paths)) < len(paths) or len(set(addrs)) < len(addrs):
+        raise CliError("--export: the same address twice")
+    return ExportOptions(addresses=tuple(addrs))
 
 
 def _run_daemon(
@@ -173,6 +187,7 @@ def _run_daemon(
     config: state.ArrayConfig,
     state_dir: Path,
     lock_fd: int,
+    exports: ExportOptions,
 ) -> int:
     from dstfs import daemon
     from dstfs.malloc import keep_freed_memory
@@ -203,6 +218,7 @@ def _run_daemon(
             ready,
             connections=args.connections,
             force_replica=args.force_replica,
+            exports=exports,
         )
     )
     if failure:
@@ -210,7 +226,9 @@ def _run_daemon(
     return 0
 
 
-def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path, lock_fd: int) -> int:
+def _spawn_daemon(
+    args: argparse.Namespace, mountpoint: str, state_dir: Path, lock_fd: int, exports: ExportOptions
+) -> int:
     """Start the daemon in the background with the state dir's lock; return
     once it has mounted."""
     logfile = state_dir / "daemon.log"
@@ -235,6 +253,10 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path, lo
         argv += ["--force-replica", f"n-{args.force_replica}"]
     for n in args.node or ():
         argv += ["--node", n]
+    for a in args.export or ():
+        argv += ["--export", a]
+    if args.export_any_address:
+        argv += ["--export-any-address"]
     with open(logfile, "ab") as log_out:
         proc = subprocess.Popen(
             argv,
@@ -250,7 +272,7 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path, lo
     with os.fdopen(rfd, "rb") as r:
         message = r.readline().strip()
     if message == b"ok":
-        _say_mounted(mountpoint, logfile)
+        _say_mounted(mountpoint, logfile, exports)
         return 0
     proc.wait(10) if proc.poll() is None else None
     if message:
@@ -258,7 +280,7 @@ def _spawn_daemon(args: argparse.Namespace, mountpoint: str, state_dir: Path, lo
     raise CliError(f"the daemon exited with status {proc.returncode}; see {logfile}")
 
 
-def _say_mounted(mountpoint: str, logfile: Path) -> None:
+def _say_mounted(mountpoint: str, logfile: Path, exports: ExportOptions) -> None:
     sectors = int(_read(Path(mountpoint, "size")))
     nodes = len(list(Path(mountpoint).glob("n-*")))
     disk = f"{mountpoint}/disk.img"
@@ -271,6 +293,8 @@ def _say_mounted(mountpoint: str, logfile: Path) -> None:
         f"  watch it: dstfs status {mountpoint}; cat {mountpoint}/nodes\n"
         f"  tear down: umount /mnt/data; losetup -d $LOOP; dstfs umount {mountpoint}\n"
     )
+    for addr in exports.addresses:
+        sys.stdout.write(f"  exported over NBD: {addr.uri()}\n")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -569,6 +593,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--state", metavar="DIR", help="state dir (default ~/.local/state/dstfs/NAME)")
     m.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
     m.add_argument("--connections", type=int, default=1, help="NBD connections per node")
+    m.add_argument(
+        "--export",
+        action="append",
+        metavar="ADDR",
+        help="also serve the array over NBD on unix:PATH or HOST:PORT (loopback; repeatable)",
+    )
+    m.add_argument(
+        "--export-any-address",
+        action="store_true",
+        help="let --export listen on a non-loopback address (no authentication!)",
+    )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

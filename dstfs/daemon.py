@@ -12,6 +12,9 @@ Rules:
 - The state dir's lock (`dstfs.statelock`) is taken by `dstfs mount` before
   this runs and held by this process until it exits.
 - A node entry's saved `timeout` is applied when the node is opened.
+- `--export` servers listen before readiness is reported (a failed bind is
+  the mount's failure) and stop before the array is closed, so no request
+  through them meets a closed node.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
+from dstfs.export import ExportOptions, serve_exports
 from dstfs.fs import DstFs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.registry import registry_path, remove_registry, write_registry
@@ -55,8 +59,10 @@ async def run(
     ready: Callable[[str], None],
     connections: int = 1,
     force_replica: int | None = None,
+    exports: ExportOptions | None = None,
 ) -> None:
-    """Mount `config` on `mountpoint` and serve until unmounted."""
+    """Mount `config` on `mountpoint` and serve until unmounted; with
+    `exports`, serve the array over NBD too."""
     async with trio.open_nursery() as nursery:
         array = Array(
             config.name,
@@ -68,8 +74,12 @@ async def run(
             mountpoint=os.path.realpath(mountpoint),  # now: never stat it once mounted
         )
 
+        services: _Services | None = None
+
         async def give_up(message: str) -> None:
             ready(message)
+            if services is not None:
+                await services.stop()
             await array.aclose()
             nursery.cancel_scope.cancel()
 
@@ -112,6 +122,13 @@ async def run(
         except (ValueError, OSError) as e:
             await give_up(f"{config.name}: {e}")
             return
+        services = _Services(nursery)
+        if exports is not None and exports.addresses:
+            try:
+                await services.start(serve_exports, array, exports)
+            except OSError as e:
+                await give_up(f"cannot export: {e.strerror or e}")
+                return
         control = ControlTree(array)
         ops = DstFs(array, control)
         options = set(pyfuse3.default_options) | {
@@ -144,11 +161,52 @@ async def run(
         finally:
             with trio.CancelScope(shield=True):
                 log.info("%s: unmounting: flushing and disconnecting nodes", config.name)
+                await services.stop()
                 await array.aclose()
                 pyfuse3.close(unmount=True)
                 remove_registry(reg)
             nursery.cancel_scope.cancel()
     log.info("%s: stopped", config.name)
+
+
+class _Services:
+    """Servers beside the FUSE mount (the NBD export, the control socket),
+    each in one cancel scope, so they can all be stopped, and waited for,
+    before the array is closed."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.scopes: list[trio.CancelScope] = []
+        self.stopped = False
+        self.running = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def start(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Start `fn(*args, task_status=...)` like nursery.start; its value."""
+        return await self.nursery.start(self._run, fn, *args)
+
+    async def _run(self, fn, *args, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+        self.running += 1
+        self.idle = trio.Event()
+        scope = trio.CancelScope()
+        self.scopes.append(scope)
+        if self.stopped:
+            scope.cancel()
+        try:
+            with scope:
+                await fn(*args, task_status=task_status)
+        finally:
+            self.running -= 1
+            if self.running == 0:
+                self.idle.set()
+
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            self.stopped = True
+            for scope in self.scopes:
+                scope.cancel()
+            await self.idle.wait()
 
 
 def _unreachable(e: OSError) -> bool:
