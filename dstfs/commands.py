@@ -1,6 +1,8 @@
 """Array commands of the CLI: mount, umount, status, suspend, resume,
-migrate, target. Everything but mount works through the control files of
-a mounted array, exactly as a user with `cat` and `echo` would.
+migrate, target, verify. Everything but mount works through the control
+files of a mounted array, exactly as a user with `cat` and `echo` would, or,
+given `--state DIR` (or a state dir as the array), through the daemon's
+control socket (`dstfs.ctlsock`): the same tree, for `--no-fuse` arrays.
 
 Rules:
 - A failure raises CliError: one line for the user, exit status 1.
@@ -25,12 +27,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import attrs
 import trio
 
 from dstfs import mountinfo, registry, state, statelock
 from dstfs.algorithms import make_algorithm
+from dstfs.ctlsock import SOCKET_NAME, ControlClient, ControlSocketError
 from dstfs.defaults import default_config
 from dstfs.export import ExportOptions, parse_export_address
 from dstfs.uri import parse_node, parse_size
@@ -133,6 +137,15 @@ def _daemon_pid(mountpoint: str) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    exports = _export_options(args)
+    if args.no_fuse:
+        if args.mountpoint is not None:
+            raise CliError("--no-fuse mounts nothing: leave out the mount point")
+        if not exports.addresses:
+            raise CliError("--no-fuse needs at least one --export (the only way to the data)")
+        return _mount(args, None, exports)
+    if args.mountpoint is None:
+        raise CliError("a mount point is needed (or --no-fuse with --export)")
     mountpoint = os.path.realpath(args.mountpoint)
     found = mountinfo.mount_at(mountpoint)
     if found is not None:
@@ -144,7 +157,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError(f"{mountpoint}: already a mount point ({found.fstype}; busy)")
     if not os.path.isdir(mountpoint):
         raise CliError(f"{mountpoint}: not a directory")
-    exports = _export_options(args)
+    return _mount(args, mountpoint, exports)
+
+
+def _mount(args: argparse.Namespace, mountpoint: str | None, exports: ExportOptions) -> int:
     state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
     state_dir = state_dir.absolute()
     real_state = os.path.realpath(state_dir)
@@ -183,7 +199,7 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
 def _run_daemon(
     args: argparse.Namespace,
-    mountpoint: str,
+    mountpoint: str | None,
     config: state.ArrayConfig,
     state_dir: Path,
     lock_fd: int,
@@ -227,7 +243,11 @@ def _run_daemon(
 
 
 def _spawn_daemon(
-    args: argparse.Namespace, mountpoint: str, state_dir: Path, lock_fd: int, exports: ExportOptions
+    args: argparse.Namespace,
+    mountpoint: str | None,
+    state_dir: Path,
+    lock_fd: int,
+    exports: ExportOptions,
 ) -> int:
     """Start the daemon in the background with the state dir's lock; return
     once it has mounted."""
@@ -239,7 +259,8 @@ def _spawn_daemon(
     rfd, wfd = os.pipe()
     argv = [sys.executable, "-m", "dstfs"]
     argv += ["-v"] * max(args.verbose, 1)
-    argv += ["mount", mountpoint, "--state", str(state_dir), "--ready-fd", str(wfd)]
+    argv += ["mount", *([mountpoint] if mountpoint else ["--no-fuse"])]
+    argv += ["--state", str(state_dir), "--ready-fd", str(wfd)]
     argv += ["--lock-fd", str(lock_fd), "--connections", str(args.connections)]
     if args.name:
         argv += ["--name", args.name]
@@ -272,7 +293,10 @@ def _spawn_daemon(
     with os.fdopen(rfd, "rb") as r:
         message = r.readline().strip()
     if message == b"ok":
-        _say_mounted(mountpoint, logfile, exports)
+        if mountpoint is None:
+            _say_running(state_dir, logfile, exports)
+        else:
+            _say_mounted(mountpoint, logfile, exports)
         return 0
     proc.wait(10) if proc.poll() is None else None
     if message:
@@ -297,7 +321,29 @@ def _say_mounted(mountpoint: str, logfile: Path, exports: ExportOptions) -> None
         sys.stdout.write(f"  exported over NBD: {addr.uri()}\n")
 
 
+def _say_running(state_dir: Path, logfile: Path, exports: ExportOptions) -> None:
+    w = _Socket(state_dir)
+    sectors = int(w.read("size"))
+    nodes = sum(1 for n in w.list() if n.startswith("n-"))
+    sys.stdout.write(
+        f"running array {w.read('name')} without FUSE: {sectors * 512 / 2**30:.2f} GiB, "
+        f"{w.read('alg')}, {nodes} node(s); log {logfile}\n"
+    )
+    for addr in exports.addresses:
+        sys.stdout.write(f"  exported over NBD: {addr.uri()}\n")
+    sys.stdout.write(
+        f"  watch it: dstfs status --state {state_dir}\n"
+        f"  stop it: dstfs umount --state {state_dir}\n"
+    )
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
+    if args.state is not None:
+        if args.mountpoint is not None:
+            raise CliError("give a mount point or --state DIR, not both")
+        return _stop_no_fuse(Path(args.state).absolute())
+    if args.mountpoint is None:
+        raise CliError("which array? give its mount point, or --state DIR for a --no-fuse one")
     mountpoint = os.path.realpath(args.mountpoint)
     found = mountinfo.mount_at(mountpoint)
     if found is None:
@@ -323,6 +369,25 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if _alive(pid):
             raise CliError(f"daemon {pid} did not exit after unmount")
     return 0
+
+
+def _stop_no_fuse(state_dir: Path) -> int:
+    """Stop the --no-fuse daemon of `state_dir`: it flushes every node and
+    exits; return once it has (the state dir's lock is free again)."""
+    w = _Socket(state_dir)
+    w.request("stop")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            fd = statelock.acquire(state_dir)
+        except statelock.StateDirBusy:
+            time.sleep(0.05)
+            continue
+        except OSError as e:
+            raise CliError(f"{state_dir}: {e.strerror}") from None
+        os.close(fd)
+        return 0
+    raise CliError(f"the daemon of {state_dir} did not exit after stop")
 
 
 def _umount_dead(mountpoint: str, found: mountinfo.Mount) -> int:
@@ -370,13 +435,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _control(mountpoint: str, *parts: str) -> Path:
-    path = Path(mountpoint, *parts)
-    if not Path(mountpoint, "disk.img").exists():
-        raise CliError(f"{mountpoint}: no dstfs array mounted there")
-    return path
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text().rstrip("\n")
@@ -384,100 +442,221 @@ def _read(path: Path) -> str:
         raise CliError(f"{path}: {e.strerror}") from None
 
 
-def _write(path: Path, value: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        raise CliError(f"{path}: {e.strerror}") from None
-    try:
-        os.write(fd, (value + "\n").encode())
-    except OSError as e:
-        raise CliError(f"{path} <- {value!r}: {e.strerror} (see the daemon log)") from None
-    finally:
-        os.close(fd)
+class _Fuse:
+    """A mounted array, through its control files (as `cat` and `echo`)."""
+
+    def __init__(self, mountpoint: str) -> None:
+        real = os.path.realpath(mountpoint)
+        found = mountinfo.mount_at(real)
+        if found is not None and found.is_dstfs and _dead(real):
+            raise CliError(
+                f"{real}: the daemon (pid {_daemon_pid(real)}) is dead and its FUSE connection "
+                f"is gone; run `dstfs umount {real}` ({RECOVERY})"
+            )
+        if not Path(mountpoint, "disk.img").exists():
+            raise CliError(f"{mountpoint}: no dstfs array mounted there")
+        self.label = mountpoint
+
+    def read(self, rel: str) -> str:
+        return _read(Path(self.label, rel))
+
+    def exists(self, rel: str) -> bool:
+        return Path(self.label, rel).exists()
+
+    def list(self, rel: str = "") -> list[str]:
+        try:
+            entries = list(os.scandir(Path(self.label, rel)))
+        except OSError as e:
+            raise CliError(f"{Path(self.label, rel)}: {e.strerror}") from None
+        return [
+            e.name + ("/" if e.is_dir() else "") for e in entries if e.name != "disk.img" or rel
+        ]
+
+    def write(self, rel: str, value: str) -> None:
+        path = Path(self.label, rel)
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as e:
+            raise CliError(f"{path}: {e.strerror}") from None
+        try:
+            os.write(fd, (value + "\n").encode())
+        except OSError as e:
+            raise CliError(f"{path} <- {value!r}: {e.strerror} (see the daemon log)") from None
+        finally:
+            os.close(fd)
 
 
-def _node_dir(mountpoint: str, node: str) -> str:
+class _Socket:
+    """An array's daemon through STATE/control.sock (`dstfs.ctlsock`): the
+    way in without FUSE."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.label = str(state_dir)
+        path = state_dir / SOCKET_NAME
+        try:
+            self.client = ControlClient(path)
+        except ControlSocketError as e:
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise CliError(f"{state_dir}: no dstfs daemon runs on this state dir") from None
+            raise CliError(e.strerror or str(e)) from None
+
+    def request(self, line: str) -> str:
+        try:
+            return self.client.request(line)
+        except ControlSocketError as e:
+            raise CliError(f"{self.label}: {line.split(' ', 1)[0]}: {e.strerror}") from None
+
+    def read(self, rel: str) -> str:
+        try:
+            return self.client.read(rel).rstrip("\n")
+        except ControlSocketError as e:
+            raise CliError(f"{self.label}: {rel}: {e.strerror}") from None
+
+    def exists(self, rel: str) -> bool:
+        parent, _, name = rel.rpartition("/")
+        try:
+            names = self.client.list(parent)
+        except ControlSocketError:
+            return False
+        return name in names or f"{name}/" in names
+
+    def list(self, rel: str = "") -> list[str]:
+        try:
+            return self.client.list(rel)
+        except ControlSocketError as e:
+            raise CliError(f"{self.label}: {rel or '/'}: {e.strerror}") from None
+
+    def write(self, rel: str, value: str) -> None:
+        try:
+            self.client.write(rel, value)
+        except ControlSocketError as e:
+            raise CliError(
+                f"{self.label}: {rel} <- {value!r}: {e.strerror} (see the daemon log)"
+            ) from None
+
+
+_Where = _Fuse | _Socket
+
+
+def _where(args: argparse.Namespace) -> tuple[_Where, list[str]]:
+    """The array a command is about, and its other operands: the first
+    operand is a mount point, or a state dir whose daemon runs without FUSE;
+    with --state DIR there is no mount point operand."""
+    ops = list(args.operands)
+    names = args.operand_names
+    if args.state is None and not ops:
+        raise CliError("which array? give its mount point, or --state DIR")
+    where: _Where
+    if args.state is not None:
+        where = _Socket(Path(args.state).absolute())
+    else:
+        first = ops.pop(0)
+        real = os.path.realpath(first)
+        if mountinfo.mount_at(real) is None and Path(real, SOCKET_NAME).exists():
+            where = _Socket(Path(real))  # a state dir named as the array
+        else:
+            where = _Fuse(first)
+    if len(ops) != len(names):
+        raise CliError(f"expected {' '.join(names) or 'no other operand'} after the array")
+    return where, ops
+
+
+def _node_dir(where: _Where, node: str) -> str:
     name = node if node.startswith("n-") else f"n-{node}"
-    if not _control(mountpoint, name).is_dir():
-        raise CliError(f"{mountpoint}: no node {name}")
+    if f"{name}/" not in where.list():
+        raise CliError(f"{where.label}: no node {name}")
     return name
 
 
+def _stats(text: str) -> dict[str, int | float]:
+    """A stats file as numbers."""
+    out: dict[str, int | float] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def _node_names(where: _Where) -> list[str]:
+    dirs = [n.rstrip("/") for n in where.list() if n.startswith("n-") and n.endswith("/")]
+    return sorted(dirs, key=lambda n: int(n[2:]))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    mnt = args.mountpoint
-    real = os.path.realpath(mnt)
-    found = mountinfo.mount_at(real)
-    if found is not None and found.is_dstfs and _dead(real):
-        raise CliError(
-            f"{real}: the daemon (pid {_daemon_pid(real)}) is dead and its FUSE connection "
-            f"is gone; run `dstfs umount {real}` ({RECOVERY})"
-        )
-    _control(mnt)
-    out = sys.stdout
-    out.write(f"array  {_read(Path(mnt, 'name'))}\n")
-    out.write(f"alg    {_read(Path(mnt, 'alg'))}\n")
-    size = int(_read(Path(mnt, "size")))
+    where, _ = _where(args)
+    _write_status(where, sys.stdout)
+    return 0
+
+
+def _write_status(where: _Where, out: TextIO) -> None:
+    out.write(f"array  {where.read('name')}\n")
+    out.write(f"alg    {where.read('alg')}\n")
+    size = int(where.read("size"))
     out.write(f"size   {size} sectors ({size * 512 / 2**30:.2f} GiB)\n")
-    mirror = Path(mnt, "degraded").exists()
+    mirror = where.exists("degraded")
     if mirror:
-        out.write(f"degraded {_read(Path(mnt, 'degraded'))} replica(s) out of sync\n")
-        action = _read(Path(mnt, "sync_action"))
+        out.write(f"degraded {where.read('degraded')} replica(s) out of sync\n")
+        action = where.read("sync_action")
         if action != "idle":
-            out.write(f"{action}  {_read(Path(mnt, 'sync_completed'))} sectors\n")
-        out.write(f"mismatch_cnt {_read(Path(mnt, 'mismatch_cnt'))}\n")
+            out.write(f"{action}  {where.read('sync_completed')} sectors\n")
+        out.write(f"mismatch_cnt {where.read('mismatch_cnt')}\n")
     head = ("NODE", "STATE", "START", "SIZE", "READS", "WRITES", "ERR", "RECONN")
     rows = [(*head, *(("DIRTY",) if mirror else ()), "TARGET")]
-    for d in sorted(Path(mnt).glob("n-*"), key=lambda p: int(p.name[2:])):
-        st = dict(line.split(" ", 1) for line in _read(d / "stats").splitlines())
+    for d in _node_names(where):
+        st = _stats(where.read(f"{d}/stats"))
         rows.append(
             (
-                d.name,
-                _read(d / "state"),
-                _read(d / "start"),
-                _read(d / "size"),
-                st.get("reads", "?"),
-                st.get("writes", "?"),
-                st.get("errors", "?"),
-                st.get("reconnects", "?"),
-                *((_read(d / "dirty"),) if mirror else ()),
-                _read(d / "type"),
+                d,
+                where.read(f"{d}/state"),
+                where.read(f"{d}/start"),
+                where.read(f"{d}/size"),
+                *(str(st.get(k, "?")) for k in ("reads", "writes", "errors", "reconnects")),
+                *((where.read(f"{d}/dirty"),) if mirror else ()),
+                where.read(f"{d}/type"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-    return 0
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "suspend"), "1")
+    where, (node,) = _where(args)
+    where.write(f"{_node_dir(where, node)}/suspend", "1")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "suspend"), "0")
+    where, (node,) = _where(args)
+    where.write(f"{_node_dir(where, node)}/suspend", "0")
     return 0
 
 
 def cmd_target(args: argparse.Namespace) -> int:
-    _write(_control(args.mountpoint, _node_dir(args.mountpoint, args.node), "target"), args.uri)
+    where, (node, uri) = _where(args)
+    where.write(f"{_node_dir(where, node)}/target", uri)
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    node = _node_dir(args.mountpoint, args.node)
-    path = _control(args.mountpoint, node, "migrate")
-    _write(path, args.uri)
+    where, (node, uri) = _where(args)
+    node = _node_dir(where, node)
+    where.write(f"{node}/migrate", uri)
     if args.no_wait:
         return 0
-    if _control(args.mountpoint, node, "dirty").exists():
+    if where.exists(f"{node}/dirty"):
         # A mirror's replica is replaced, not migrated: its migrate file
         # stays `idle`; the full sync shows in its state.
-        return _follow_sync(args.mountpoint, node)
+        return _follow_sync(where, node)
     last = ""
     while True:
-        status = _read(path)
+        status = where.read(f"{node}/migrate")
         if status != last:
             sys.stdout.write(status + "\n")
             sys.stdout.flush()
@@ -489,12 +668,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         time.sleep(0.5)
 
 
-def _follow_sync(mountpoint: str, node: str) -> int:
+def _follow_sync(where: _Where, node: str) -> int:
     """Show a replaced replica's state until it is in sync."""
-    path = _control(mountpoint, node, "state")
     last = ""
     while True:
-        status = _read(path)
+        status = where.read(f"{node}/state")
         if status != last:
             sys.stdout.write(status + "\n")
             sys.stdout.flush()
@@ -509,21 +687,21 @@ def _follow_sync(mountpoint: str, node: str) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """md's check/repair through `sync_action`, with its progress; exit 3
     when a check found replicas that differ."""
-    mnt = args.mountpoint
+    where, _ = _where(args)
     action = "repair" if args.repair else "check"
-    if not _control(mnt, "sync_action").exists():
-        raise CliError(f"{mnt}: not a mirror ({_read(Path(mnt, 'alg'))}): nothing to verify")
-    _write(_control(mnt, "sync_action"), action)
-    progress = Progress(f"{action} {mnt}")
+    if not where.exists("sync_action"):
+        raise CliError(f"{where.label}: not a mirror ({where.read('alg')}): nothing to verify")
+    where.write("sync_action", action)
+    progress = Progress(f"{action} {where.label}")
     while True:
-        now = _read(Path(mnt, "sync_completed"))
-        if _read(Path(mnt, "sync_action")) == "idle" or now == "none":
+        now = where.read("sync_completed")
+        if where.read("sync_action") == "idle" or now == "none":
             break
         done, total = (int(x) for x in now.split("/"))
         progress.show(done * 512, total * 512)
         time.sleep(0.2)
     progress.close()
-    mismatches = int(_read(Path(mnt, "mismatch_cnt")))
+    mismatches = int(where.read("mismatch_cnt"))
     sys.stdout.write(
         f"{action}: {mismatches} mismatched sectors"
         + (" (repaired)" if args.repair and mismatches else "")
@@ -573,7 +751,12 @@ def _replica_index(text: str) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("mount", help="mount an array (returns once mounted)")
-    m.add_argument("mountpoint")
+    m.add_argument("mountpoint", nargs="?", help="where disk.img appears (none with --no-fuse)")
+    m.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="mount nothing: run the array for its --export only (no /dev/fuse needed)",
+    )
     m.add_argument("--name", help="array name (default: storage)")
     m.add_argument("--alg", help="linear (default), stripe or mirror")
     m.add_argument("--chunk", help="stripe chunk size, a power of two >= 4K (default 64K)")
@@ -608,34 +791,50 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="flush every node and unmount")
-    u.add_argument("mountpoint")
+    u = sub.add_parser("umount", help="flush every node and unmount (or stop a --no-fuse daemon)")
+    u.add_argument("mountpoint", nargs="?")
+    u.add_argument("--state", metavar="DIR", help="stop the --no-fuse daemon of this state dir")
     u.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("status", help="show the array and its nodes")
-    s.add_argument("mountpoint")
-    s.set_defaults(func=cmd_status)
+    _array_parser(sub, "status", cmd_status, "show the array and its nodes")
 
-    for name, func, helptext in (
-        ("suspend", cmd_suspend, "freeze one node's I/O (returns once drained)"),
-        ("resume", cmd_resume, "resume a suspended node"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("mountpoint")
-        p.add_argument("node", help="node directory (n-0) or its number")
-        p.set_defaults(func=func)
-    t = sub.add_parser("target", help="repoint a suspended node without copying")
-    t.add_argument("mountpoint")
-    t.add_argument("node")
-    t.add_argument("uri")
-    t.set_defaults(func=cmd_target)
-    g = sub.add_parser("migrate", help="live-copy a node to a new target, then switch")
-    g.add_argument("mountpoint")
-    g.add_argument("node")
-    g.add_argument("uri")
+    _array_parser(
+        sub, "suspend", cmd_suspend, "freeze one node's I/O (returns once drained)", "NODE"
+    )
+    _array_parser(sub, "resume", cmd_resume, "resume a suspended node", "NODE")
+    _array_parser(
+        sub, "target", cmd_target, "repoint a suspended node without copying", "NODE", "URI"
+    )
+    g = _array_parser(
+        sub, "migrate", cmd_migrate, "live-copy a node to a new target, then switch", "NODE", "URI"
+    )
     g.add_argument("--no-wait", action="store_true", help="start it and return")
-    g.set_defaults(func=cmd_migrate)
-    v = sub.add_parser("verify", help="mirror: compare every replica (md's check), with progress")
-    v.add_argument("mountpoint")
+    v = _array_parser(
+        sub, "verify", cmd_verify, "mirror: compare every replica (md's check), with progress"
+    )
     v.add_argument("--repair", action="store_true", help="rewrite differing replicas")
-    v.set_defaults(func=cmd_verify)
+
+
+def _array_parser(
+    sub: argparse._SubParsersAction, name: str, func: object, helptext: str, *operands: str
+) -> argparse.ArgumentParser:
+    """A command about one running array: `MOUNTPOINT OPERANDS...`, or
+    `--state DIR OPERANDS...` (a --no-fuse array, over its control socket).
+    A node is its directory (n-0) or its number."""
+    p = sub.add_parser(
+        name,
+        help=helptext,
+        usage=f"dstfs {name} [-h] (MOUNTPOINT | --state DIR) {' '.join(operands)}".rstrip(),
+    )
+    p.add_argument(
+        "operands",
+        nargs="*",
+        metavar="MOUNTPOINT " + " ".join(operands),
+        help="the array's mount point (or its state dir), then "
+        + (", ".join(operands) or "nothing else"),
+    )
+    p.add_argument(
+        "--state", metavar="DIR", help="reach the daemon of this state dir over its control socket"
+    )
+    p.set_defaults(func=func, operand_names=operands)
+    return p

@@ -12,6 +12,10 @@ Rules:
 - The state dir's lock (`dstfs.statelock`) is taken by `dstfs mount` before
   this runs and held by this process until it exits.
 - A node entry's saved `timeout` is applied when the node is opened.
+- The control tree is also served on STATE/control.sock (`dstfs.ctlsock`),
+  mounted or not; without FUSE (`--no-fuse`) it is the only way in, and its
+  `stop` request ends the daemon like SIGTERM. A no-fuse daemon has no
+  registry entry: the state dir's lock alone keeps it unique.
 - `--export` servers listen before readiness is reported (a failed bind is
   the mount's failure) and stop before the array is closed, so no request
   through them meets a closed node.
@@ -34,6 +38,7 @@ from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
+from dstfs.ctlsock import SOCKET_NAME, serve_control
 from dstfs.export import ExportOptions, serve_exports
 from dstfs.fs import DstFs
 from dstfs.nbd.server import Export, NbdServer
@@ -53,7 +58,7 @@ async def _serve_embedded(nursery: trio.Nursery, path: str) -> str:
 
 
 async def run(
-    mountpoint: str,
+    mountpoint: str | None,
     config: state.ArrayConfig,
     state_dir: Path,
     ready: Callable[[str], None],
@@ -62,7 +67,9 @@ async def run(
     exports: ExportOptions | None = None,
 ) -> None:
     """Mount `config` on `mountpoint` and serve until unmounted; with
-    `exports`, serve the array over NBD too."""
+    `exports`, serve the array over NBD too. With no `mountpoint` (`--no-fuse`)
+    nothing is mounted: the array runs until a signal or a `stop` on the
+    control socket."""
     async with trio.open_nursery() as nursery:
         array = Array(
             config.name,
@@ -130,6 +137,32 @@ async def run(
                 await give_up(f"cannot export: {e.strerror or e}")
                 return
         control = ControlTree(array)
+        stop = trio.Event()
+        try:
+            await services.start(
+                serve_control,
+                state_dir / SOCKET_NAME,
+                control,
+                stop.set if mountpoint is None else None,
+                f"mounted on {mountpoint}: stop it with `dstfs umount {mountpoint}`",
+            )
+        except OSError as e:
+            await give_up(f"cannot open the control socket in {state_dir}: {e.strerror or e}")
+            return
+        if mountpoint is None:
+            try:
+                ready("ok")
+                log.info("%s: running without FUSE (%d bytes)", config.name, array.size)
+                nursery.start_soon(_stop_on_signal, stop.set)
+                await stop.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    log.info("%s: stopping: flushing and disconnecting nodes", config.name)
+                    await services.stop()
+                    await array.aclose()
+                nursery.cancel_scope.cancel()
+            log.info("%s: stopped", config.name)
+            return
         ops = DstFs(array, control)
         options = set(pyfuse3.default_options) | {
             f"fsname=dstfs:{config.name}",
@@ -156,7 +189,7 @@ async def run(
             _raise_max_background(real_mountpoint)
             ready("ok")
             log.info("%s: mounted on %s (%d bytes)", config.name, mountpoint, array.size)
-            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_stop_on_signal, pyfuse3.terminate)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
             with trio.CancelScope(shield=True):
@@ -222,11 +255,11 @@ def _unreachable(e: OSError) -> bool:
     )
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(stop: Callable[[], object]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("signal %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop()
             return
 
 

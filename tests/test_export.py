@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,185 @@ def test_a_malformed_export_address_is_one_line(tmp_path: Path, addr: str) -> No
     )
     assert res.returncode == 1
     assert res.stderr.startswith("dstfs mount: --export")
+
+
+def _lock_pid(state: Path) -> int | None:
+    try:
+        return int((state / "lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def no_fuse(
+    state: Path, nodes: Sequence[str], exports: Sequence[str], prefix: Sequence[str] = ()
+) -> Iterator[subprocess.CompletedProcess]:
+    """`dstfs mount --no-fuse` (run under `prefix`, e.g. unshare); stopped
+    afterwards with `dstfs umount --state`, or killed if that fails."""
+    argv = [*DSTFS, "mount", "--no-fuse", "--state", str(state)]
+    for n in nodes:
+        argv += ["--node", n]
+    for e in exports:
+        argv += ["--export", e]
+    res = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=60)
+    try:
+        yield res
+    finally:
+        pid = _lock_pid(state)
+        subprocess.run([*DSTFS, "umount", "--state", str(state)], capture_output=True, timeout=60)
+        if (
+            pid is not None
+            and _alive(pid)
+            and b"dstfs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_no_fuse_export_on_a_host_without_dev_fuse_and_status_through_the_socket(
+    tmp_path: Path,
+) -> None:
+    need("unshare")
+    need("nbdcopy")
+    state, sock = tmp_path / "st", tmp_path / "e.sock"
+    uri = f"nbd+unix:///?socket={sock}"
+    # A mount namespace whose /dev/fuse is /dev/null: FUSE cannot work there.
+    hide = 'mount --bind /dev/null /dev/fuse && stat -c "fuse=%t:%T" /dev/fuse && exec "$@"'
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh"]
+    nodes = node_files(tmp_path, size=16 * MiB)
+    with no_fuse(state, nodes, [f"unix:{sock}"], prefix) as res:
+        assert res.returncode == 0, res.stderr
+        assert "fuse=1:3" in res.stdout  # /dev/fuse really was /dev/null for the daemon
+        assert "dstfs status --state" in res.stdout
+        assert not (tmp_path / "mnt").exists()
+        assert (state / "control.sock").stat().st_mode & 0o777 == 0o600
+        status = sh(*DSTFS, "status", "--state", str(state)).stdout
+        assert "alg_linear" in status
+        assert status.count(" online ") == 2, status
+        assert sh(*DSTFS, "status", str(state)).stdout == status  # the state dir as the array
+        data = random_file(tmp_path / "data", 8 * MiB)
+        sh("nbdcopy", str(data), uri)
+        out = tmp_path / "out"
+        sh("nbdcopy", uri, str(out))
+        assert out.read_bytes()[: 8 * MiB] == data.read_bytes()
+        reads = _stat_of(state, "n-0", "reads")
+        assert reads > 0
+        # Suspend and resume through the socket.
+        sh(*DSTFS, "suspend", "--state", str(state), "n-0")
+        assert "suspended" in sh(*DSTFS, "status", "--state", str(state)).stdout
+        sh(*DSTFS, "resume", "--state", str(state), "0")
+        # One daemon per state dir, FUSE or not.
+        again = subprocess.run(
+            [*DSTFS, "mount", "--no-fuse", "--state", str(state), "--export", f"unix:{sock}2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert again.returncode == 1
+        assert "running without FUSE" in again.stderr
+        pid = _lock_pid(state)
+        assert pid is not None
+        sh(*DSTFS, "umount", "--state", str(state))
+        assert not _alive(pid)
+        assert not (state / "control.sock").exists()
+        assert not sock.exists()
+        gone = subprocess.run(
+            [*DSTFS, "status", "--state", str(state)], capture_output=True, text=True
+        )
+        assert gone.returncode == 1
+        assert "no dstfs daemon" in gone.stderr
+
+
+def _stat_of(state: Path, node: str, key: str) -> int:
+    text = sh(*DSTFS, "status", "--state", str(state)).stdout
+    head, *rows = [line.split() for line in text.splitlines() if line.startswith(("NODE", "n-"))]
+    row = next(r for r in rows if r[0] == node)
+    return int(row[head.index({"reads": "READS"}[key])])
+
+
+def _ask(path: Path, *lines: str) -> list[bytes]:
+    """Raw requests on a control socket; the raw answers."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        f = s.makefile("rb")
+        answers = []
+        for line in lines:
+            s.sendall(line.encode() + b"\n")
+            head = f.readline()
+            if head.startswith(b"ok "):
+                head += f.read(int(head.split()[1]))
+            answers.append(head)
+        return answers
+
+
+def test_control_socket_protocol_and_bad_requests(tmp_path: Path) -> None:
+    state, sock = tmp_path / "st", tmp_path / "e.sock"
+    with mounted(
+        tmp_path, node_files(tmp_path, 1, 8 * MiB), state=state, extra=["--export", f"unix:{sock}"]
+    ) as mnt:
+        ctl = state / "control.sock"
+        assert (ctl.stat().st_mode & 0o777) == 0o600
+        ok_name, listing, bad_num, no_file, unknown, stop, good = _ask(
+            ctl,
+            "read name",
+            "list",
+            "write n-0/timeout abc",
+            "read n-0/nope",
+            "frobnicate",
+            "stop",
+            "write n-0/timeout 7",
+        )
+        assert ok_name == b"ok 8\nstorage\n"
+        assert b"disk.img" not in listing and b"n-0/\n" in listing and b"stats\n" in listing
+        assert bad_num.startswith(b"err 22 timeout is a decimal number")
+        assert no_file.startswith(b"err 2 ")
+        assert unknown.startswith(b"err 22 unknown request")
+        assert stop.startswith(b"err 16 mounted on")  # a mounted array stops by unmounting
+        assert good == b"ok 0\n"
+        assert (mnt / "n-0" / "timeout").read_text() == "7\n"  # same tree as FUSE shows
+        # The CLI through the socket: one line and exit 1 for a refused write.
+        res = subprocess.run(
+            [*DSTFS, "migrate", "--state", str(state), "n-0", "nbd://"],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 1
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        refused = subprocess.run(
+            [*DSTFS, "umount", "--state", str(state)], capture_output=True, text=True
+        )
+        assert refused.returncode == 1
+        assert f"dstfs umount {mnt}" in refused.stderr
+        status_fuse = sh(*DSTFS, "status", str(mnt)).stdout
+        assert sh(*DSTFS, "status", "--state", str(state)).stdout == status_fuse
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--no-fuse", "--export", "unix:/tmp/x.sock", "MNT"], "leave out the mount point"),
+        (["--no-fuse"], "needs at least one --export"),
+        ([], "a mount point is needed"),
+    ],
+)
+def test_no_fuse_flags_that_do_not_fit_are_one_line(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    argv = [a.replace("MNT", str(tmp_path)) for a in args]
+    res = subprocess.run(
+        [*DSTFS, "mount", "--state", str(tmp_path / "st"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 1
+    assert says in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "st").exists()
