@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -273,3 +274,90 @@ def test_no_fuse_flags_that_do_not_fit_are_one_line(
     assert says in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "st").exists()
+
+
+def _writes(mnt: Path) -> int:
+    return int(
+        next(
+            line.split()[1]
+            for line in (mnt / "stats").read_text().splitlines()
+            if line.startswith("writes ")
+        )
+    )
+
+
+@pytest.mark.parametrize("event", ["suspend", "migrate"])
+def test_qemu_img_and_fio_through_the_export_across_suspend_and_migration(
+    tmp_path: Path, event: str
+) -> None:
+    """A stripe of two nbdkit memory nodes: qemu-img writes [0, 48M), fio
+    writes and verifies [64M, 128M); both ranges lie on both nodes. Meanwhile
+    n-0 is suspended and resumed, or n-1 migrated to a third node."""
+    need("qemu-img")
+    need("fio")
+    from procs import nbdkit
+
+    sock = tmp_path / "e.sock"
+    uri = f"nbd+unix:///?socket={sock}"
+    src = random_file(tmp_path / "src", 48 * MiB)
+    with (
+        nbdkit("memory", "64M") as a,
+        nbdkit("memory", "64M") as b,
+        nbdkit("memory", "64M") as c,
+        mounted(tmp_path, [a, b], alg="stripe", extra=["--export", f"unix:{sock}"]) as mnt,
+    ):
+        qemu = subprocess.Popen(
+            ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        fio = subprocess.Popen(
+            [
+                "fio",
+                "--name=export",
+                "--ioengine=nbd",
+                f"--uri={uri}",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=8",
+                "--offset=64M",
+                "--size=64M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            cwd=tmp_path,  # fio leaves its verify state file in the working dir
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while _writes(mnt) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # wait for the first write through the export
+            assert _writes(mnt) > 0
+            # Both are still at work as the node is suspended or migrated.
+            assert [p.poll() for p in (qemu, fio)] == [None, None]
+            if event == "suspend":
+                sh(*DSTFS, "suspend", str(mnt), "n-0")
+                assert (mnt / "n-0" / "suspend").read_text() == "1\n"
+                sh(*DSTFS, "resume", str(mnt), "n-0")
+            else:
+                out = sh(*DSTFS, "migrate", str(mnt), "n-1", c).stdout
+                assert out.strip().endswith("done")
+                assert (mnt / "n-1" / "target").read_text().strip() == c
+            _, q_err = qemu.communicate(timeout=120)
+            f_out, f_err = fio.communicate(timeout=120)
+        finally:
+            for p in (qemu, fio):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert qemu.returncode == 0, q_err
+        assert fio.returncode == 0, f_out + f_err
+        assert "verify" not in f_err
+        sh("cmp", "-n", str(48 * MiB), str(src), str(mnt / "disk.img"))
+        out = tmp_path / "out"
+        sh("nbdcopy", uri, str(out))  # the export reads what disk.img reads
+        sh("cmp", str(out), str(mnt / "disk.img"))
