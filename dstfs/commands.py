@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -463,6 +464,15 @@ class _Fuse:
     def exists(self, rel: str) -> bool:
         return Path(self.label, rel).exists()
 
+    def read_if_readable(self, rel: str) -> str | None:
+        """The file's content; None for a write-only file."""
+        try:
+            return Path(self.label, rel).read_text().rstrip("\n")
+        except PermissionError:
+            return None
+        except OSError as e:
+            raise CliError(f"{Path(self.label, rel)}: {e.strerror}") from None
+
     def list(self, rel: str = "") -> list[str]:
         try:
             entries = list(os.scandir(Path(self.label, rel)))
@@ -510,6 +520,15 @@ class _Socket:
         try:
             return self.client.read(rel).rstrip("\n")
         except ControlSocketError as e:
+            raise CliError(f"{self.label}: {rel}: {e.strerror}") from None
+
+    def read_if_readable(self, rel: str) -> str | None:
+        """The file's content; None for a write-only file."""
+        try:
+            return self.client.read(rel).rstrip("\n")
+        except ControlSocketError as e:
+            if e.errno == errno.EACCES:
+                return None
             raise CliError(f"{self.label}: {rel}: {e.strerror}") from None
 
     def exists(self, rel: str) -> bool:
@@ -590,8 +609,51 @@ def _node_names(where: _Where) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     where, _ = _where(args)
+    if args.json:
+        json.dump(_tree_json(where), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     _write_status(where, sys.stdout)
     return 0
+
+
+#: Files `status --json` leaves out: the disk, and metrics (its own format).
+_NOT_JSON = {"disk.img", "metrics"}
+
+
+def _tree_json(where: _Where, rel: str = "") -> dict[str, object]:
+    """Every readable file of the control tree under `rel`: numbers as
+    numbers, `stats` files as objects of numbers, `jobs` as a list of lines;
+    write-only files are left out."""
+    out: dict[str, object] = {}
+    for entry in where.list(rel):
+        name = entry.rstrip("/")
+        path = f"{rel}/{name}" if rel else name
+        if entry.endswith("/"):
+            out[name] = _tree_json(where, path)
+            continue
+        if name in _NOT_JSON:
+            continue
+        text = where.read_if_readable(path)
+        if text is None:
+            continue
+        if name == "stats":
+            out[name] = _stats(text)
+        elif name == "jobs":
+            out[name] = text.splitlines()
+        else:
+            out[name] = _scalar(text)
+    return out
+
+
+def _scalar(text: str) -> int | float | str:
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if text.isascii() and "." in text and value == value else text
 
 
 def _write_status(where: _Where, out: TextIO) -> None:
@@ -796,7 +858,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--state", metavar="DIR", help="stop the --no-fuse daemon of this state dir")
     u.set_defaults(func=cmd_umount)
 
-    _array_parser(sub, "status", cmd_status, "show the array and its nodes")
+    st = _array_parser(sub, "status", cmd_status, "show the array and its nodes")
+    st.add_argument(
+        "--json", action="store_true", help="every file of the control tree, as one JSON object"
+    )
 
     _array_parser(
         sub, "suspend", cmd_suspend, "freeze one node's I/O (returns once drained)", "NODE"

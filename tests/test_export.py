@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -361,3 +362,65 @@ def test_qemu_img_and_fio_through_the_export_across_suspend_and_migration(
         out = tmp_path / "out"
         sh("nbdcopy", uri, str(out))  # the export reads what disk.img reads
         sh("cmp", str(out), str(mnt / "disk.img"))
+
+
+def test_status_json_and_metrics_parse_through_fuse_and_the_socket(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    state = tmp_path / "st"
+    with mounted(tmp_path, node_files(tmp_path, 2, 8 * MiB), alg="mirror", state=state) as mnt:
+        with open(mnt / "disk.img", "r+b") as f:
+            f.write(b"x" * 65536)
+            os.fsync(f.fileno())
+        outputs = []
+        for where in ([str(mnt)], ["--state", str(state)]):
+            text = sh(*DSTFS, "status", *where, "--json").stdout
+            check = subprocess.run(
+                ["python3", "-m", "json.tool"], input=text, capture_output=True, text=True
+            )
+            assert check.returncode == 0, check.stderr
+            outputs.append(json.loads(text))
+        via_fuse, via_socket = outputs
+        for doc in outputs:
+            assert doc["name"] == "storage" and doc["alg"] == "alg_mirror"
+            assert doc["size"] == 8 * MiB // 512
+            assert doc["degraded"] == 0 and doc["sync_completed"] == "none"
+            assert doc["stats"]["writes"] >= 1 and doc["stats"]["write_bytes"] >= 65536
+            assert set(doc) >= {"n-0", "n-1", "jobs", "mismatch_cnt", "nodes"}
+            assert "add_node" not in doc and "metrics" not in doc  # write-only / own format
+            node = doc["n-0"]
+            assert node["state"] == "in_sync" and node["dirty"] == 0
+            assert node["timeout"] == 30 and node["suspend"] == 0
+            assert isinstance(node["stats"]["latency_avg_us"], float)
+            assert node["stats"]["writes"] >= 1
+        assert via_fuse["n-1"]["type"] == via_socket["n-1"]["type"]
+
+        sh(*DSTFS, "suspend", str(mnt), "n-1")
+        families = {
+            f.name: f for f in text_string_to_metric_families((mnt / "metrics").read_text())
+        }
+        via_socket_metrics = _ask(state / "control.sock", "read metrics")[0]
+        assert via_socket_metrics.startswith(b"ok ")
+        sh(*DSTFS, "resume", str(mnt), "n-1")
+
+        def sample(family: str, **labels: str) -> float:
+            return next(
+                s.value
+                for s in families[family].samples
+                if all(s.labels.get(k) == v for k, v in labels.items())
+                and not s.name.endswith("_created")
+            )
+
+        assert families["dstfs_array_writes"].type == "counter"
+        assert sample("dstfs_array_writes", array="storage") >= 1
+        assert sample("dstfs_array_write_bytes", array="storage") >= 65536
+        assert sample("dstfs_node_writes", node="n-0") >= 1
+        assert families["dstfs_node_latency_seconds"].type == "summary"
+        assert sample("dstfs_node_latency_seconds", node="n-0") > 0
+        assert sample("dstfs_node_state", node="n-0", state="in_sync") == 1
+        assert sample("dstfs_node_state", node="n-1", state="suspended") == 1
+        assert sample("dstfs_node_state", node="n-1", state="in_sync") == 0
+        assert sample("dstfs_mirror_degraded", array="storage") == 1
+        assert sample("dstfs_node_dirty_regions", node="n-0") == 0
+        assert sample("dstfs_mirror_sync_action", action="idle") == 1
+        assert "dstfs_mirror_sync_done_sectors" in families
