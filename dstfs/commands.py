@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 import attrs
+import rich.console
+import rich.live
+import rich.progress
+import rich.text
 import trio
 
 from dstfs import mountinfo, registry, state, statelock
@@ -609,12 +616,39 @@ def _node_names(where: _Where) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     where, _ = _where(args)
+    if args.watch:
+        if args.json:
+            raise CliError("--watch redraws the table; for JSON, run --json repeatedly")
+        return _watch(where, args.interval)
     if args.json:
         json.dump(_tree_json(where), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     _write_status(where, sys.stdout)
     return 0
+
+
+def _watch(where: _Where, interval: float) -> int:
+    """Redraw the status every `interval` seconds until Ctrl-C: in place on a
+    terminal, as a new block after a blank line and a time stamp otherwise."""
+    if not sys.stdout.isatty():
+        while True:
+            out = io.StringIO()
+            _write_status(where, out)
+            sys.stdout.write(f"--- {time.strftime('%H:%M:%S')}\n{out.getvalue()}\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    console = rich.console.Console(file=sys.stdout)
+
+    def frame() -> rich.text.Text:
+        out = io.StringIO()
+        _write_status(where, out)
+        return rich.text.Text(f"{time.strftime('%H:%M:%S')}  every {interval:g}s\n{out.getvalue()}")
+
+    with rich.live.Live(frame(), console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(frame(), refresh=True)
 
 
 #: Files `status --json` leaves out: the disk, and metrics (its own format).
@@ -716,34 +750,50 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # A mirror's replica is replaced, not migrated: its migrate file
         # stays `idle`; the full sync shows in its state.
         return _follow_sync(where, node)
-    last = ""
-    while True:
-        status = where.read(f"{node}/migrate")
-        if status != last:
-            sys.stdout.write(status + "\n")
-            sys.stdout.flush()
-            last = status
-        if status == "done":
-            return 0
-        if status.startswith("failed") or status == "idle":
-            raise CliError(f"migration of {node}: {status}")
-        time.sleep(0.5)
+    progress = Progress(
+        f"migrate {node}", plain=lambda d, t: f"copying {d // 512}/{t // 512} sectors"
+    )
+    try:
+        while True:
+            status = where.read(f"{node}/migrate")
+            m = _COPYING.fullmatch(status)
+            if m:
+                progress.update(int(m[1]) * 512, int(m[2]) * 512)
+            else:
+                progress.say(status)
+            if status == "done":
+                progress.finish()
+                return 0
+            if status.startswith("failed") or status == "idle":
+                raise CliError(f"migration of {node}: {status}")
+            time.sleep(0.5)
+    finally:
+        progress.close()
+
+
+_COPYING = re.compile(r"copying ([0-9]+)/([0-9]+) sectors")
+_RESYNCING = re.compile(r"resyncing ([0-9]+)/([0-9]+)")
 
 
 def _follow_sync(where: _Where, node: str) -> int:
     """Show a replaced replica's state until it is in sync."""
-    last = ""
-    while True:
-        status = where.read(f"{node}/state")
-        if status != last:
-            sys.stdout.write(status + "\n")
-            sys.stdout.flush()
-            last = status
-        if status == "in_sync":
-            return 0
-        if status == "failed":
-            raise CliError(f"replacement of {node}: the new target failed (see the daemon log)")
-        time.sleep(0.5)
+    progress = Progress(f"resync {node}", unit="regions", plain=lambda d, t: f"resyncing {d}/{t}")
+    try:
+        while True:
+            status = where.read(f"{node}/state")
+            m = _RESYNCING.fullmatch(status)
+            if m:
+                progress.update(int(m[1]), int(m[2]))
+            else:
+                progress.say(status)
+            if status == "in_sync":
+                progress.finish()
+                return 0
+            if status == "failed":
+                raise CliError(f"replacement of {node}: the new target failed (see the daemon log)")
+            time.sleep(0.5)
+    finally:
+        progress.close()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -755,14 +805,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise CliError(f"{where.label}: not a mirror ({where.read('alg')}): nothing to verify")
     where.write("sync_action", action)
     progress = Progress(f"{action} {where.label}")
-    while True:
-        now = where.read("sync_completed")
-        if where.read("sync_action") == "idle" or now == "none":
-            break
-        done, total = (int(x) for x in now.split("/"))
-        progress.show(done * 512, total * 512)
-        time.sleep(0.2)
-    progress.close()
+    try:
+        while True:
+            now = where.read("sync_completed")
+            if where.read("sync_action") == "idle" or now == "none":
+                break
+            done, total = (int(x) for x in now.split("/"))
+            progress.update(done * 512, total * 512)
+            time.sleep(0.2)
+    finally:
+        progress.close()
     mismatches = int(where.read("mismatch_cnt"))
     sys.stdout.write(
         f"{action}: {mismatches} mismatched sectors"
@@ -773,35 +825,103 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 class Progress:
-    """A progress bar with rate and time left on a terminal; a plain line
-    per tenth done otherwise (logs, pipes)."""
+    """A long job's progress. On a terminal: a rich progress bar with rate
+    and time left. Otherwise (logs, pipes): a plain line when the job starts,
+    at each tenth done, and when it ends, so a log shows it without noise.
+    `plain(done, total)` words those lines; `unit` "B" shows bytes."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(
+        self,
+        what: str,
+        unit: str = "B",
+        plain: Callable[[int, int], str] | None = None,
+        tty: bool | None = None,
+    ) -> None:
         self.what = what
-        self.tty = sys.stdout.isatty()
+        self.unit = unit
+        self.plain = plain or self._default_line
+        self.tty = sys.stdout.isatty() if tty is None else tty
         self.t0 = time.monotonic()
         self.last_tenth = -1
+        self.last_line = ""
+        self.total = 0
+        self.bar: rich.progress.Progress | None = None
+        if self.tty:
+            rate: rich.progress.ProgressColumn = (
+                rich.progress.TransferSpeedColumn() if unit == "B" else _RateColumn(unit)
+            )
+            self.bar = rich.progress.Progress(
+                rich.progress.TextColumn("{task.description}"),
+                rich.progress.BarColumn(),
+                rich.progress.TaskProgressColumn(),
+                rate,
+                rich.progress.TextColumn("left"),
+                rich.progress.TimeRemainingColumn(),
+                console=rich.console.Console(file=sys.stdout),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=None)
 
-    def show(self, done: int, total: int) -> None:
+    def _default_line(self, done: int, total: int) -> str:
         frac = done / total if total else 1.0
         elapsed = time.monotonic() - self.t0
         rate = done / elapsed if elapsed > 0 else 0.0
-        left = (total - done) / rate if rate > 0 else float("inf")
-        eta = f"{left:.0f}s" if left != float("inf") else "?"
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            sys.stdout.write(
-                f"\r{self.what} [{bar:<30}] {frac:6.1%} {rate / 1e6:7.1f} MB/s left {eta:>6}"
-            )
-            sys.stdout.flush()
-        elif int(frac * 10) != self.last_tenth:
-            self.last_tenth = int(frac * 10)
-            sys.stdout.write(f"{self.what}: {frac:.0%} ({rate / 1e6:.1f} MB/s, left {eta})\n")
+        left = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
+        speed = f"{rate / 1e6:.1f} MB/s" if self.unit == "B" else f"{rate:.0f} {self.unit}/s"
+        return f"{self.what}: {frac:.0%} ({speed}, left {left})"
+
+    def finish(self) -> None:
+        """The job is done: a full bar (if it ever had a size)."""
+        if self.bar is not None and self.total:
+            self.bar.update(self.task, completed=self.total, total=self.total)
+
+    def update(self, done: int, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+            return
+        tenth = int(done * 10 / total) if total else 10
+        if tenth != self.last_tenth:
+            self.last_tenth = tenth
+            self.say(self.plain(done, total))
+
+    def say(self, line: str) -> None:
+        """A line of its own (a state change), above the bar on a terminal."""
+        if line == self.last_line:
+            return
+        self.last_line = line
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
     def close(self) -> None:
-        if self.tty:
-            sys.stdout.write("\n")
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _RateColumn(rich.progress.ProgressColumn):
+    """Speed in `unit`s per second (regions, for a mirror's resync)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: rich.progress.Task) -> rich.text.Text:
+        speed = task.finished_speed or task.speed
+        return rich.text.Text("?" if speed is None else f"{speed:.1f} {self.unit}/s")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from 0.05 to 3600")
+    return value
 
 
 def _replica_index(text: str) -> int:
@@ -861,6 +981,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st = _array_parser(sub, "status", cmd_status, "show the array and its nodes")
     st.add_argument(
         "--json", action="store_true", help="every file of the control tree, as one JSON object"
+    )
+    st.add_argument("--watch", action="store_true", help="redraw the status until Ctrl-C")
+    st.add_argument(
+        "--interval", type=_interval, default=2.0, metavar="SECONDS", help="for --watch (default 2)"
     )
 
     _array_parser(

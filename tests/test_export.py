@@ -424,3 +424,31 @@ def test_status_json_and_metrics_parse_through_fuse_and_the_socket(tmp_path: Pat
         assert sample("dstfs_node_dirty_regions", node="n-0") == 0
         assert sample("dstfs_mirror_sync_action", action="idle") == 1
         assert "dstfs_mirror_sync_done_sectors" in families
+
+
+def test_status_watch_repeats_plain_blocks_when_not_a_tty_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    with mounted(tmp_path, node_files(tmp_path, 1, 8 * MiB)) as mnt:
+        proc = subprocess.Popen(
+            [*DSTFS, "status", str(mnt), "--watch", "--interval", "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            blocks = 0
+            deadline = time.monotonic() + 30
+            while blocks < 3 and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read() if proc.stderr else ""
+                blocks += line.startswith("array  storage")
+                assert "\x1b" not in line  # no terminal control codes in a pipe
+            assert blocks == 3
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
