@@ -452,3 +452,35 @@ def test_status_watch_repeats_plain_blocks_when_not_a_tty_and_stops_on_ctrl_c(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_example_systemd_unit_is_valid_and_its_commands_parse(tmp_path: Path) -> None:
+    import shlex
+    import sys
+
+    from dstfs.cli import build_parser
+
+    unit = (Path(__file__).parent.parent / "examples" / "dstfs@.service").read_text()
+    lines = dict(
+        line.split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith(("ExecStart=", "ExecStop="))
+    )
+    for key, want in (("ExecStart", "mount"), ("ExecStop", "umount")):
+        argv = shlex.split(lines[key].replace("%i", "vm1").replace("$DSTFS_OPTS", ""))
+        assert argv[0] == "/usr/local/bin/dstfs"
+        args = build_parser().parse_args(argv[1:])
+        assert args.command == want
+    assert "--state /var/lib/dstfs/%i" in lines["ExecStart"]
+    if need("systemd-analyze"):
+        # Verified with the dstfs of this venv in place of /usr/local/bin/dstfs.
+        exe = str(Path(sys.executable).parent / "dstfs")
+        path = tmp_path / "dstfs@vm1.service"
+        path.write_text(unit.replace("/usr/local/bin/dstfs", exe))
+        res = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0 and "dstfs@vm1" not in res.stderr, res.stderr
