@@ -14,6 +14,8 @@ Rules:
   loopback (127.0.0.0/8, ::1, `localhost`) unless `any_address` is set
   (`--export-any-address`): the export has no authentication yet, so
   anything that can connect can read and write the whole array.
+- A unix socket path is taken over only from a stale socket: a file there,
+  or a socket something listens on, fails the mount (EEXIST, EADDRINUSE).
 - `ExportOptions` gathers everything the export is told on the command line
   (addresses now; TLS and `--allow` belong there too), so adding an option
   touches the parser, this class and `serve_exports` only.
@@ -25,6 +27,9 @@ import errno
 import ipaddress
 import logging
 import math
+import os
+import socket
+import stat
 
 import attrs
 import trio
@@ -88,6 +93,23 @@ class ExportOptions:
     addresses: tuple[ExportAddress, ...] = ()
 
 
+def _check_unix_path(path: str) -> None:
+    """The server replaces what is at `path`: only ever a stale socket, never
+    a file, nor a socket something still listens on."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # nobody listens: a leftover, safe to replace
+    raise OSError(errno.EADDRINUSE, f"{path}: a server already listens there")
+
+
 async def serve_exports(
     array: Array,
     options: ExportOptions,
@@ -98,20 +120,38 @@ async def serve_exports(
     once all listen, with the URIs they answer on. An address that cannot be
     bound raises OSError before `started`."""
     server = NbdServer([Export("", ArrayBackend(array), description=f"dstfs {array.name}")])
-    async with trio.open_nursery() as nursery:
-        uris = []
-        for addr in options.addresses:
-            if addr.path is not None:
-                await nursery.start(server.serve_unix, addr.path)
-                uris.append(addr.uri())
-            else:
-                assert addr.host is not None
-                listeners = await nursery.start(server.serve_tcp, addr.host, addr.port)
-                port = listeners[0].socket.getsockname()[1]
-                uris.append(attrs.evolve(addr, port=port).uri())
-        log.info("%s: exported over NBD on %s", array.name, ", ".join(uris))
-        task_status.started(uris)
-        await trio.sleep(math.inf)
+    try:
+        async with trio.open_nursery() as nursery:
+            uris = []
+            for addr in options.addresses:
+                if addr.path is not None:
+                    _check_unix_path(addr.path)
+                    await nursery.start(server.serve_unix, addr.path)
+                    uris.append(addr.uri())
+                else:
+                    assert addr.host is not None
+                    listeners = await nursery.start(server.serve_tcp, addr.host, addr.port)
+                    port = listeners[0].socket.getsockname()[1]
+                    uris.append(attrs.evolve(addr, port=port).uri())
+            log.info("%s: exported over NBD on %s", array.name, ", ".join(uris))
+            task_status.started(uris)
+            await trio.sleep(math.inf)
+    except BaseExceptionGroup as group:
+        # The nursery wraps a failed bind: give the caller the OSError itself.
+        leaf = _only(group)
+        if isinstance(leaf, OSError):
+            raise leaf from None
+        raise
+
+
+def _only(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in a (nested) group of one; None otherwise."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None
 
 
 class ArrayBackend(BackendBase):

@@ -484,3 +484,31 @@ def test_the_example_systemd_unit_is_valid_and_its_commands_parse(tmp_path: Path
             timeout=60,
         )
         assert res.returncode == 0 and "dstfs@vm1" not in res.stderr, res.stderr
+
+
+def test_an_export_address_in_use_or_a_file_fails_the_mount_and_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    from mounts import MountFailed
+
+    def mount_exporting(addr: str, says: str) -> None:
+        nodes = node_files(tmp_path, 1, MiB)
+        with (
+            pytest.raises(MountFailed, match=says),
+            mounted(tmp_path, nodes, extra=["--export", addr]),
+        ):
+            pass
+
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    mount_exporting(f"unix:{victim}", "exists and is not a socket")
+    assert victim.read_text() == "keep me"
+    live = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as other, socket.socket() as tcp:
+        other.bind(str(live))
+        other.listen(1)
+        mount_exporting(f"unix:{live}", "already listens")
+        assert live.is_socket()
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        mount_exporting(f"127.0.0.1:{tcp.getsockname()[1]}", "cannot export: .*in use")
