@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import attrs
 import rich.console
@@ -44,8 +44,10 @@ from dstfs import mountinfo, registry, state, statelock
 from dstfs.algorithms import make_algorithm
 from dstfs.ctlsock import SOCKET_NAME, ControlClient, ControlSocketError
 from dstfs.defaults import default_config
-from dstfs.export import ExportOptions, parse_export_address
 from dstfs.uri import parse_node, parse_size
+
+if TYPE_CHECKING:
+    from dstfs.export import ExportOptions
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,8 @@ def _mount(args: argparse.Namespace, mountpoint: str | None, exports: ExportOpti
 
 def _export_options(args: argparse.Namespace) -> ExportOptions:
     """`--export` addresses (checked before anything starts)."""
+    from dstfs.export import ExportOptions, parse_export_address  # only mount needs it
+
     try:
         addrs = [parse_export_address(a, args.export_any_address) for a in args.export or ()]
     except ValueError as e:

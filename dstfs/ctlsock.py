@@ -20,6 +20,8 @@ Rules:
   chmod'ed, then renamed into place, so it is never reachable with wider
   permissions. Its path may be longer than a sockaddr holds: it is then
   reached through /proc/self/fd/N of the open state dir.
+- This module imports the control tree (and so the array) only to serve
+  it: the CLI's client stays light.
 - A request line is at most MAX_LINE bytes; a longer one, or one that is not
   UTF-8, ends that connection with one `err`. The daemon never fails for a
   client.
@@ -34,15 +36,18 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from dstfs.control import MAX_WRITE, Attr, ControlError, ControlTree
+if TYPE_CHECKING:
+    from dstfs.control import ControlTree
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
-MAX_LINE = MAX_WRITE + 1024
+#: A write's value is at most control.MAX_WRITE (4096) characters.
+MAX_LINE = 8192
 #: What fits in sockaddr_un.sun_path with its terminating NUL.
 _SUN_PATH = 107
 
@@ -155,6 +160,10 @@ def _parts(path: str) -> tuple[str, ...]:
 async def _answer(
     text: str, control: ControlTree, stop: Callable[[], None] | None, refuse_stop: str
 ) -> tuple[bytes, bool]:
+    # Imported here: the CLI imports this module for its client, and should
+    # not pay for the array.
+    from dstfs.control import Attr, ControlError
+
     verb, _, rest = text.partition(" ")
     try:
         if verb == "read":
