@@ -174,7 +174,9 @@ def _mount(args: argparse.Namespace, mountpoint: str | None, exports: ExportOpti
     state_dir = Path(args.state) if args.state else state.default_state_dir(args.name or "storage")
     state_dir = state_dir.absolute()
     real_state = os.path.realpath(state_dir)
-    if real_state == mountpoint or real_state.startswith(mountpoint.rstrip("/") + "/"):
+    if mountpoint is not None and (
+        real_state == mountpoint or real_state.startswith(mountpoint.rstrip("/") + "/")
+    ):
         # The daemon would write its state through its own mount: a deadlock.
         raise CliError(f"{state_dir}: the state dir cannot be under the mount point {mountpoint}")
     if args.lock_fd is not None:
