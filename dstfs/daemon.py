@@ -78,7 +78,8 @@ async def run(
             options=config.options,
             state_dir=None,  # do not rewrite the state while loading it
             connections=connections,
-            mountpoint=os.path.realpath(mountpoint),  # now: never stat it once mounted
+            # now: never stat it once mounted
+            mountpoint=os.path.realpath(mountpoint) if mountpoint is not None else None,
         )
 
         services: _Services | None = None

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from mounts import mounted
-from procs import DSTFS, need
+from helpers.mounts import mounted
+from helpers.procs import DSTFS, need
 
 MiB = 1 << 20
 
@@ -296,7 +296,7 @@ def test_qemu_img_and_fio_through_the_export_across_suspend_and_migration(
     n-0 is suspended and resumed, or n-1 migrated to a third node."""
     need("qemu-img")
     need("fio")
-    from procs import nbdkit
+    from helpers.procs import nbdkit
 
     sock = tmp_path / "e.sock"
     uri = f"nbd+unix:///?socket={sock}"
@@ -489,7 +489,7 @@ def test_the_example_systemd_unit_is_valid_and_its_commands_parse(tmp_path: Path
 def test_an_export_address_in_use_or_a_file_fails_the_mount_and_is_left_alone(
     tmp_path: Path,
 ) -> None:
-    from mounts import MountFailed
+    from helpers.mounts import MountFailed
 
     def mount_exporting(addr: str, says: str) -> None:
         nodes = node_files(tmp_path, 1, MiB)
