@@ -31,6 +31,7 @@ import attrs
 from dstfs import migrate, state
 from dstfs.algorithms import ALGORITHMS
 from dstfs.array import Array
+from dstfs.metrics import render_metrics
 from dstfs.node import Node, render_counters
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class ControlTree:
             "remove_all_nodes": Attr(store=self._store_remove_all),
             "stats": Attr(show=self._show_stats),
             "jobs": Attr(show=a.jobs.render),
+            "metrics": Attr(show=lambda: render_metrics(a, self._node_state)),
         }
         if a.replicas is not None:
             rs = a.replicas

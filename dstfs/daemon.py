@@ -12,6 +12,13 @@ Rules:
 - The state dir's lock (`dstfs.statelock`) is taken by `dstfs mount` before
   this runs and held by this process until it exits.
 - A node entry's saved `timeout` is applied when the node is opened.
+- The control tree is also served on STATE/control.sock (`dstfs.ctlsock`),
+  mounted or not; without FUSE (`--no-fuse`) it is the only way in, and its
+  `stop` request ends the daemon like SIGTERM. A no-fuse daemon has no
+  registry entry: the state dir's lock alone keeps it unique.
+- `--export` servers listen before readiness is reported (a failed bind is
+  the mount's failure) and stop before the array is closed, so no request
+  through them meets a closed node.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from dstfs.array import Array, ArrayError
 from dstfs.backends.file import FileBackend
 from dstfs.backends.nbd import NbdBackend
 from dstfs.control import ControlTree
+from dstfs.ctlsock import SOCKET_NAME, serve_control
+from dstfs.export import ExportOptions, serve_exports
 from dstfs.fs import DstFs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.registry import registry_path, remove_registry, write_registry
@@ -49,14 +58,18 @@ async def _serve_embedded(nursery: trio.Nursery, path: str) -> str:
 
 
 async def run(
-    mountpoint: str,
+    mountpoint: str | None,
     config: state.ArrayConfig,
     state_dir: Path,
     ready: Callable[[str], None],
     connections: int = 1,
     force_replica: int | None = None,
+    exports: ExportOptions | None = None,
 ) -> None:
-    """Mount `config` on `mountpoint` and serve until unmounted."""
+    """Mount `config` on `mountpoint` and serve until unmounted; with
+    `exports`, serve the array over NBD too. With no `mountpoint` (`--no-fuse`)
+    nothing is mounted: the array runs until a signal or a `stop` on the
+    control socket."""
     async with trio.open_nursery() as nursery:
         array = Array(
             config.name,
@@ -65,11 +78,16 @@ async def run(
             options=config.options,
             state_dir=None,  # do not rewrite the state while loading it
             connections=connections,
-            mountpoint=os.path.realpath(mountpoint),  # now: never stat it once mounted
+            # now: never stat it once mounted
+            mountpoint=os.path.realpath(mountpoint) if mountpoint is not None else None,
         )
+
+        services: _Services | None = None
 
         async def give_up(message: str) -> None:
             ready(message)
+            if services is not None:
+                await services.stop()
             await array.aclose()
             nursery.cancel_scope.cancel()
 
@@ -112,7 +130,40 @@ async def run(
         except (ValueError, OSError) as e:
             await give_up(f"{config.name}: {e}")
             return
+        services = _Services(nursery)
+        if exports is not None and exports.addresses:
+            try:
+                await services.start(serve_exports, array, exports)
+            except OSError as e:
+                await give_up(f"cannot export: {e.strerror or e}")
+                return
         control = ControlTree(array)
+        stop = trio.Event()
+        try:
+            await services.start(
+                serve_control,
+                state_dir / SOCKET_NAME,
+                control,
+                stop.set if mountpoint is None else None,
+                f"mounted on {mountpoint}: stop it with `dstfs umount {mountpoint}`",
+            )
+        except OSError as e:
+            await give_up(f"cannot open the control socket in {state_dir}: {e.strerror or e}")
+            return
+        if mountpoint is None:
+            try:
+                ready("ok")
+                log.info("%s: running without FUSE (%d bytes)", config.name, array.size)
+                nursery.start_soon(_stop_on_signal, stop.set)
+                await stop.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    log.info("%s: stopping: flushing and disconnecting nodes", config.name)
+                    await services.stop()
+                    await array.aclose()
+                nursery.cancel_scope.cancel()
+            log.info("%s: stopped", config.name)
+            return
         ops = DstFs(array, control)
         options = set(pyfuse3.default_options) | {
             f"fsname=dstfs:{config.name}",
@@ -139,16 +190,57 @@ async def run(
             _raise_max_background(real_mountpoint)
             ready("ok")
             log.info("%s: mounted on %s (%d bytes)", config.name, mountpoint, array.size)
-            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_stop_on_signal, pyfuse3.terminate)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
             with trio.CancelScope(shield=True):
                 log.info("%s: unmounting: flushing and disconnecting nodes", config.name)
+                await services.stop()
                 await array.aclose()
                 pyfuse3.close(unmount=True)
                 remove_registry(reg)
             nursery.cancel_scope.cancel()
     log.info("%s: stopped", config.name)
+
+
+class _Services:
+    """Servers beside the FUSE mount (the NBD export, the control socket),
+    each in one cancel scope, so they can all be stopped, and waited for,
+    before the array is closed."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.scopes: list[trio.CancelScope] = []
+        self.stopped = False
+        self.running = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def start(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Start `fn(*args, task_status=...)` like nursery.start; its value."""
+        return await self.nursery.start(self._run, fn, *args)
+
+    async def _run(self, fn, *args, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+        self.running += 1
+        self.idle = trio.Event()
+        scope = trio.CancelScope()
+        self.scopes.append(scope)
+        if self.stopped:
+            scope.cancel()
+        try:
+            with scope:
+                await fn(*args, task_status=task_status)
+        finally:
+            self.running -= 1
+            if self.running == 0:
+                self.idle.set()
+
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            self.stopped = True
+            for scope in self.scopes:
+                scope.cancel()
+            await self.idle.wait()
 
 
 def _unreachable(e: OSError) -> bool:
@@ -164,11 +256,11 @@ def _unreachable(e: OSError) -> bool:
     )
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(stop: Callable[[], object]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("signal %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop()
             return
 
 

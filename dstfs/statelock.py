@@ -44,8 +44,10 @@ def acquire(state_dir: Path) -> int:
     return fd
 
 
-def record(fd: int, pid: int, mountpoint: str) -> None:
-    """Write who holds the lock into the lock file (for the next one's error)."""
+def record(fd: int, pid: int, mountpoint: str | None) -> None:
+    """Write who holds the lock into the lock file (for the next one's error);
+    no `mountpoint` for a daemon run without FUSE."""
+    mountpoint = mountpoint or "-"
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{pid} {mountpoint}\n".encode(), 0)
 
@@ -56,4 +58,6 @@ def _holder(fd: int) -> str:
         int(pid)
     except (OSError, ValueError, UnicodeDecodeError):
         return "another dstfs daemon"
+    if mountpoint == "-":
+        return f"the dstfs daemon {pid} (running without FUSE)"
     return f"the dstfs daemon {pid} (mounted on {mountpoint})" if mountpoint else f"pid {pid}"

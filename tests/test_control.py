@@ -121,6 +121,7 @@ async def test_tree_has_the_designed_files_and_node_dirs_named_by_start(ctl: Ctl
         "remove_all_nodes",
         "stats",
         "jobs",
+        "metrics",
         "n-0",
         "n-800",
     }
@@ -139,6 +140,7 @@ async def test_modes_read_only_write_only_and_read_write(ctl: Ctl) -> None:
         "remove_all_nodes": 0o200,
         "stats": 0o444,
         "jobs": 0o444,
+        "metrics": 0o444,
     }
     node = {name: a.mode for name, a in tree["n-800"].items()}
     assert node == {

@@ -92,6 +92,7 @@ def test_ls_l_shows_disk_img_and_control_files_with_their_modes(mnt: Path) -> No
         "size": "-r--r--r--",
         "stats": "-r--r--r--",
         "jobs": "-r--r--r--",
+        "metrics": "-r--r--r--",
     }
     assert ls_l(mnt)["disk.img"][1] == 2 * NODE
     assert {n: m for n, (m, _) in ls_l(mnt / "n-0").items()} == {
