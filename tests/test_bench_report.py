@@ -140,6 +140,7 @@ def extras() -> dict[str, Measure]:
         Measure("mig-idle", "migration copy, idle", samples=[200.0, 100.0, 300.0]),
         Measure("mig-load", "migration copy, under load", ratio_to="mig-idle", samples=[50.0]),
         Measure("copy", "nbdcopy read", errors=["nbdcopy rc=1: refused"]),
+        Measure("rss", "mirror 64G sparse: daemon peak RSS", unit="MiB", samples=[93.4]),
     ]
     ms[1].errors.append("one run failed")
     return {m.key: m for m in ms}
@@ -148,11 +149,12 @@ def extras() -> dict[str, Measure]:
 def test_extras_table_and_json() -> None:
     ms = extras()
     assert extras_table(ms).splitlines() == [
-        "measurement                 MB/s  min-max  n  ratio  ratio to",
-        "--------------------------  ----  -------  -  -----  --------------------",
-        "migration copy, idle         200  100-300  3",
-        "migration copy, under load   50*    50-50  1  0.25x  migration copy, idle",
-        "nbdcopy read                error: nbdcopy rc=1: refused",
+        "measurement                           MB/s  min-max  n  ratio  ratio to",
+        "----------------------------------  ------  -------  -  -----  --------------------",
+        "migration copy, idle                   200  100-300  3",
+        "migration copy, under load             50*    50-50  1  0.25x  migration copy, idle",
+        "nbdcopy read                        error: nbdcopy rc=1: refused",
+        "mirror 64G sparse: daemon peak RSS  93 MiB    93-93  1",
     ]
     out = extras_json(ms)
     assert out["mig-load"]["ratio"] == pytest.approx(0.25)

@@ -119,11 +119,12 @@ def extras_table(ms: dict[str, Measure]) -> str:
             body.append(f"{m.title}\t{short_error(m.errors[-1], 90)}")
             continue
         ref = ms[m.ratio_to] if m.ratio_to else None
+        unit = "" if m.unit == "MB/s" else f" {m.unit}"  # the column is MB/s unless it says
         ref_med = summary(ref.samples)["median"] if ref else None
         body.append(
             [
                 m.title,
-                fmt_value(s["median"]) + ("*" if m.errors else ""),
+                fmt_value(s["median"]) + ("*" if m.errors else "") + unit,
                 "-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}",
                 str(len(m.samples)),
                 fmt_ratio(s["median"], ref_med) if ref else "",

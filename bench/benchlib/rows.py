@@ -18,6 +18,7 @@ from .config import (
     NOOP_FS,
     REPO_DIR,
     SLOW_NODE_RATE,
+    WHOLE_DISK_NODES,
     BenchError,
     BenchTimeout,
     Job,
@@ -89,16 +90,18 @@ def setup_row(env: Env, row: Row) -> None:
     if row.spec.dstfs:
         env.require_dstfs()
         uris = []
-        for i in range(2):
+        count = WHOLE_DISK_NODES.get(key, 2)
+        node_size = cfg.disk_size if key in WHOLE_DISK_NODES else cfg.node_size
+        for i in range(count):
             name = f"{key}-n{i}"
             if key == "linear-serve":
-                uri, p = env.dstfs_serve(st, name, cfg.tmpfs / f"{name}.img", cfg.node_size)
+                uri, p = env.dstfs_serve(st, name, cfg.tmpfs / f"{name}.img", node_size)
             else:
                 rate = SLOW_NODE_RATE if key.endswith("-slow") else None
-                uri, p = env.nbdkit_memory(st, name, cfg.node_size, rate)
+                uri, p = env.nbdkit_memory(st, name, node_size, rate)
             row.procs.append(p)
             uris.append(uri)
-        alg = "stripe" if key.startswith("stripe") else "linear"
+        alg = key.split("-")[0] if key.startswith(("stripe", "mirror")) else "linear"
         mnt, row.daemon = env.dstfs_mount(st, key, alg, uris)
         row.procs.append(row.daemon)
         disk = mnt / "disk.img"
