@@ -344,7 +344,7 @@ def run_sparse_mirror_rss(env: Env, ms: dict[str, Measure]) -> None:
         mnt, daemon = env.dstfs_mount(st, "msparse", "mirror", uris)
         dev, _ = env.attach_loop(st, mnt / "disk.img")
         job = next(j for j in JOBS if j.key == "randwrite")
-        fig = run_fio(env.cfg, dev, job, max(cfg.runtime, 5.0))
+        fig = run_fio(env.cfg, dev, job, cfg.runtime)
         rss = vm_hwm_mib(daemon.pid)
         if rss is None:
             raise BenchError("cannot read the daemon's VmHWM")
