@@ -27,6 +27,8 @@ ROW_NAMES = (
     "dstfs stripe/nbdkit",
     "dstfs linear/slow nodes",
     "dstfs stripe/slow nodes",
+    "dstfs mirror/slow nodes",
+    "dstfs linear/one slow node",
     "nbdfuse/nbdkit",
     "pyfuse3 no-op",
     "loop/tmpfs",
@@ -36,6 +38,9 @@ EXTRA_TITLES = (
     "nbdcopy read, nbdkit file",
     "migration copy, idle",
     "foreground seq read, during migration",
+    "mirror full sync (data), idle",
+    "mirror foreground seq read, during sync",
+    "mirror 64G sparse: daemon peak RSS",
 )
 TOOLS = ("fio", "nbdkit", "nbdfuse", "nbdcopy", "nbdinfo", "losetup", "fusermount3")
 

@@ -1,9 +1,11 @@
 """bench/benchlib/report.py with fixed inputs: the tables bench/run prints
-(medians, min-max spreads, ratios to the nbdfuse row, error cells, the
-daemon's RSS) and the JSON it writes, down to the character."""
+(medians, min-max spreads, ratios to the nbdfuse row, CPU µs per request of
+the daemon and the nodes, error cells, the daemon's RSS) and the JSON it
+writes, down to the character."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from benchlib.config import JOBS, ROW_SPECS
 from benchlib.extras import Measure
+from benchlib.processes import cpu_seconds
 from benchlib.report import (
     extras_json,
     extras_table,
@@ -22,14 +25,23 @@ from benchlib.report import (
     rows_json,
     summary,
 )
-from benchlib.rows import Row
+from benchlib.rows import Row, add_cpu
 
 SPEC = {s.key: s for s in ROW_SPECS}
 
 
-def row(key: str, values: dict[str, list[float]], **kw: object) -> Row:
+def row(
+    key: str,
+    values: dict[str, list[float]],
+    cpu: dict[str, list[tuple[float | None, float | None]]] | None = None,
+    **kw: object,
+) -> Row:
+    """A row with samples; ``cpu`` gives each sample's (daemon, nodes) µs per request."""
     r = Row(SPEC[key], **kw)  # type: ignore[arg-type]
     r.samples = {k: [{"value": v} for v in vs] for k, vs in values.items()}
+    for k, pairs in (cpu or {}).items():
+        for sample, (d, n) in zip(r.samples[k], pairs, strict=True):
+            sample["cpu_us_per_request"] = {"daemon": d, "nodes": n}
     return r
 
 
@@ -37,16 +49,21 @@ def rows() -> list[Row]:
     anchor = row(
         "nbdfuse",
         {"seqwrite": [100, 300, 200], "seqread": [400], "randwrite": [1000], "randread": [2000]},
+        cpu={"randread": [(30.4, 9.6)]},
     )
     linear = row(
         "linear-nbdkit",
         {"seqwrite": [50, 150, 100], "seqread": [800], "randwrite": [500], "randread": [3000]},
+        cpu={
+            "seqwrite": [(400.0, 90.0), (200.0, 110.0), (300.0, 100.0)],
+            "randread": [(56.2, 12.0)],
+        },
         peak_rss_mib={"linear-nbdkit": 61.4},
     )
     linear.daemon = type("P", (), {"name": "linear-nbdkit"})()  # only its name is read
     linear.job_errors = {"randread": ["fio randread rc=1: boom"]}
     broken = row("stripe-nbdkit", {}, error="nbdkit exited rc=1: cannot bind")
-    half = row("tmpfs", {"seqwrite": [10]})
+    half = row("tmpfs", {"seqwrite": [10]}, cpu={"seqwrite": [(None, None)]})
     half.job_errors = {"seqread": ["fio seqread timed out after 31s"]}
     return [linear, broken, half, anchor]
 
@@ -74,17 +91,22 @@ def test_render_aligns_and_spans_messages() -> None:
 def test_main_tables() -> None:
     assert [j.key for j in JOBS] == ["seqwrite", "seqread", "randwrite", "randread"]
     assert main_tables(rows()).splitlines() == [
-        "row                  seq write MB/s  ratio                seq read MB/s  ratio"
-        "  rand write IOPS  ratio  rand read IOPS  ratio  RSS MiB",
-        "-------------------  --------------  -----  ---------------------------  -----"
-        "  ---------------  -----  --------------  -----  -------",
-        "dstfs linear/nbdkit             100  0.50x                          800  2.00x"
-        "              500  0.50x           3000*  1.50x       61",
+        "row                  seq write MB/s  ratio  µs/req d/n                seq read MB/s  ratio"
+        "  µs/req d/n  rand write IOPS  ratio  µs/req d/n  rand read IOPS  ratio  µs/req d/n"
+        "  RSS MiB",
+        "-------------------  --------------  -----  ----------  ---------------------------  -----"
+        "  ----------  ---------------  -----  ----------  --------------  -----  ----------"
+        "  -------",
+        "dstfs linear/nbdkit             100  0.50x     300/100                          800  2.00x"
+        "         -/-              500  0.50x         -/-           3000*  1.50x       56/12"
+        "       61",
         "dstfs stripe/nbdkit  error: nbdkit exited rc=1: cannot bind",
-        "loop/tmpfs                       10  0.05x  error: fio seqread timed...      -"
-        "                -      -               -      -        -",
-        "nbdfuse/nbdkit                  200  1.00x                          400  1.00x"
-        "             1000  1.00x            2000  1.00x        -",
+        "loop/tmpfs                       10  0.05x         -/-  error: fio seqread timed...      -"
+        "         -/-                -      -         -/-               -      -         -/-"
+        "        -",
+        "nbdfuse/nbdkit                  200  1.00x         -/-                          400  1.00x"
+        "         -/-             1000  1.00x         -/-            2000  1.00x       30/10"
+        "        -",
         "",
         "spread (min-max)     seq write MB/s  seq read MB/s  rand write IOPS  rand read IOPS",
         "-------------------  --------------  -------------  ---------------  --------------",
@@ -103,6 +125,11 @@ def test_rows_json_ratios_and_errors() -> None:
     assert lin["randread"]["ratio_to_nbdfuse"] == pytest.approx(1.5)
     assert lin["randread"]["errors"] == ["fio randread rc=1: boom"]
     assert out["linear-nbdkit"]["daemon_peak_rss_mib"] == 61.4
+    assert lin["seqwrite"]["cpu_us_per_request"] == {
+        "daemon": {"median": 300.0, "min": 200.0, "max": 400.0},
+        "nodes": {"median": 100.0, "min": 90.0, "max": 110.0},
+    }
+    assert lin["seqread"]["cpu_us_per_request"]["daemon"]["median"] is None
     assert out["stripe-nbdkit"]["error"] == "nbdkit exited rc=1: cannot bind"
     assert out["stripe-nbdkit"]["jobs"]["seqread"]["ratio_to_nbdfuse"] is None
     assert out["nbdfuse"]["jobs"]["seqread"]["ratio_to_nbdfuse"] == 1.0
@@ -113,6 +140,7 @@ def extras() -> dict[str, Measure]:
         Measure("mig-idle", "migration copy, idle", samples=[200.0, 100.0, 300.0]),
         Measure("mig-load", "migration copy, under load", ratio_to="mig-idle", samples=[50.0]),
         Measure("copy", "nbdcopy read", errors=["nbdcopy rc=1: refused"]),
+        Measure("rss", "mirror 64G sparse: daemon peak RSS", unit="MiB", samples=[93.4]),
     ]
     ms[1].errors.append("one run failed")
     return {m.key: m for m in ms}
@@ -121,13 +149,26 @@ def extras() -> dict[str, Measure]:
 def test_extras_table_and_json() -> None:
     ms = extras()
     assert extras_table(ms).splitlines() == [
-        "measurement                 MB/s  min-max  n  ratio  ratio to",
-        "--------------------------  ----  -------  -  -----  --------------------",
-        "migration copy, idle         200  100-300  3",
-        "migration copy, under load   50*    50-50  1  0.25x  migration copy, idle",
-        "nbdcopy read                error: nbdcopy rc=1: refused",
+        "measurement                           MB/s  min-max  n  ratio  ratio to",
+        "----------------------------------  ------  -------  -  -----  --------------------",
+        "migration copy, idle                   200  100-300  3",
+        "migration copy, under load             50*    50-50  1  0.25x  migration copy, idle",
+        "nbdcopy read                        error: nbdcopy rc=1: refused",
+        "mirror 64G sparse: daemon peak RSS  93 MiB    93-93  1",
     ]
     out = extras_json(ms)
     assert out["mig-load"]["ratio"] == pytest.approx(0.25)
     assert out["mig-idle"]["ratio"] is None
     assert out["copy"]["median"] is None and out["copy"]["errors"] == ["nbdcopy rc=1: refused"]
+
+
+def test_cpu_per_request() -> None:
+    sample: dict[str, object] = {"ios": 500}
+    add_cpu(sample, {"daemon": 1.0, "nodes": 2.0}, {"daemon": 1.5, "nodes": None}, 100, 10100)
+    assert sample["requests"] == 10000
+    assert sample["cpu_us_per_request"] == {"daemon": pytest.approx(50.0), "nodes": None}
+    # No sysfs count: fio's own.
+    add_cpu(sample, {"daemon": 0.0}, {"daemon": 0.01}, None, None)
+    assert sample["cpu_us_per_request"]["daemon"] == pytest.approx(20.0)  # type: ignore[index]
+    own = cpu_seconds(os.getpid())
+    assert own is not None and own > 0

@@ -90,7 +90,24 @@ class RowSpec:
         return self.key in DSTFS_ROWS
 
 
-DSTFS_ROWS = ("linear-nbdkit", "linear-serve", "stripe-nbdkit", "linear-slow", "stripe-slow")
+DSTFS_ROWS = (
+    "linear-nbdkit",
+    "linear-serve",
+    "stripe-nbdkit",
+    "linear-slow",
+    "stripe-slow",
+    "mirror-slow",
+    "one-slow",
+)
+
+
+#: Mirror rows: a mirror of two slow nodes against one slow node (issue 13: reads
+#: >= 1.8x, writes >= 0.9x), each node holding the whole disk.
+WHOLE_DISK_NODES = {"mirror-slow": 2, "one-slow": 1}
+
+
+#: The sparse mirror whose daemon RSS is measured under a fio job (issue 13: < 256 MiB).
+SPARSE_MIRROR_NODE = 64 * (1 << 30)
 
 
 #: nbdkit's rate filter on each node of the *-slow rows: nodes, not the daemon,
@@ -104,6 +121,8 @@ ROW_SPECS = (
     RowSpec("stripe-nbdkit", "dstfs stripe/nbdkit"),
     RowSpec("linear-slow", "dstfs linear/slow nodes"),
     RowSpec("stripe-slow", "dstfs stripe/slow nodes"),
+    RowSpec("mirror-slow", "dstfs mirror/slow nodes"),
+    RowSpec("one-slow", "dstfs linear/one slow node"),
     RowSpec("nbdfuse", "nbdfuse/nbdkit"),
     RowSpec("noop", "pyfuse3 no-op"),
     RowSpec("tmpfs", "loop/tmpfs"),

@@ -1,6 +1,8 @@
 """Extra measurements, with the rows torn down: nbdcopy against `dstfs serve`
-and `nbdkit file`, and a live migration's copy rate, idle and under a
-foreground seq-read load (with that load's throughput during the migration)."""
+and `nbdkit file`; a live migration's copy rate and a mirror replica's full
+sync rate (a replica replaced by a fresh node), each idle and under a
+foreground seq-read load (with that load's throughput during the copy); and
+the daemon's peak RSS over a 64 GiB sparse mirror under a fio job."""
 
 from __future__ import annotations
 
@@ -15,7 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import FG_JOB, FILL_JOB, POLL_S, BenchError, KiB, MiB, describe
+from .config import (
+    FG_JOB,
+    FILL_JOB,
+    JOBS,
+    POLL_S,
+    SPARSE_MIRROR_NODE,
+    BenchError,
+    KiB,
+    MiB,
+    describe,
+)
 from .fio import fio_argv, fio_figures, run_fio
 from .processes import Env, Proc, run_cmd, safe, vm_hwm_mib
 
@@ -52,6 +64,11 @@ def new_measures() -> dict[str, Measure]:
         Measure("mig-load", "migration copy, under seq-read load", ratio_to="mig-idle"),
         Measure("fg-base", "foreground seq read, no migration"),
         Measure("fg-mig", "foreground seq read, during migration", ratio_to="fg-base"),
+        Measure("msync-idle", "mirror full sync (data), idle"),
+        Measure("msync-load", "mirror full sync (data), under load", ratio_to="msync-idle"),
+        Measure("mfg-base", "mirror foreground seq read, no sync"),
+        Measure("mfg-sync", "mirror foreground seq read, during sync", ratio_to="mfg-base"),
+        Measure("mirror-rss", "mirror 64G sparse: daemon peak RSS", unit="MiB"),
     ]
     return {m.key: m for m in ms}
 
@@ -154,6 +171,45 @@ def bw_log_window(path: Path, t0: float, t1: float, avg_ms: int) -> float | None
     return statistics.fmean(vals) * KiB / 1e6 if vals else None
 
 
+class Foreground:
+    """The foreground load of a copy: fio seq read on ``dev``, alone (``base``) or in the
+    background with a 100 ms bandwidth log (``start``), read over the copy's window (``stop``).
+    """
+
+    AVG_MS = 100
+
+    def __init__(self, env: Env, stack: contextlib.ExitStack, dev: str, name: str) -> None:
+        self.env, self.stack, self.dev, self.name = env, stack, dev, name
+        self.bwlog = env.cfg.workdir / name
+        self.out = env.cfg.workdir / f"{name}.json"
+        self.fio: Proc | None = None
+
+    def base(self) -> float:
+        return float(run_fio(self.env.cfg, self.dev, FG_JOB, self.env.cfg.runtime)["value"])
+
+    def start(self) -> None:
+        argv = fio_argv(self.dev, FG_JOB, self.out, runtime=3600)
+        argv += [f"--write_bw_log={self.bwlog}", f"--log_avg_msec={self.AVG_MS}"]
+        argv.append("--log_unix_epoch=1")
+        self.fio = self.env.spawn(self.name, argv)
+        self.stack.callback(safe(f"stop {self.name}", self.fio.stop))
+        time.sleep(1.0)  # fio takes a few hundred ms to start issuing I/O
+        self.fio.check()
+
+    def stop(self, wall0: float, wall1: float) -> tuple[float, dict[str, Any]]:
+        """Stop fio; its mean MB/s over wall0..wall1 (the whole run's if the log has none)."""
+        assert self.fio is not None
+        self.fio.popen.send_signal(signal.SIGINT)
+        try:
+            self.fio.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.fio.stop()
+        whole = fio_figures(self.out, FG_JOB)["value"]
+        window = bw_log_window(Path(f"{self.bwlog}_bw.1.log"), wall0, wall1, self.AVG_MS)
+        during = window if window is not None else whole
+        return during, {"whole_run": whole, "from_window": window is not None}
+
+
 def run_migration(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) -> None:
     """One migration of node n-0 of a fresh two-node linear array, idle or under fio load."""
     cfg = env.cfg
@@ -169,40 +225,131 @@ def run_migration(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) -> N
         mnt, daemon = env.dstfs_mount(st, f"mig-{kind}{rep}", "linear", uris)
         dev, _ = env.attach_loop(st, mnt / "disk.img")
         run_fio(env.cfg, dev, FILL_JOB, runtime=None, size=cfg.mig_size)
-        if loaded:
-            base = run_fio(env.cfg, dev, FG_JOB, cfg.runtime)
-            ms["fg-base"].add(base["value"], when="before")
+        fg = Foreground(env, st, dev, f"fg-{rep}") if loaded else None
+        if fg is not None:
+            ms["fg-base"].add(fg.base(), when="before")
+            fg.start()
         ctl = mnt / "n-0" / "migrate"
-        fio: Proc | None = None
-        bwlog = cfg.workdir / f"fg-{rep}"
-        avg_ms = 100
-        if loaded:
-            argv = fio_argv(dev, FG_JOB, cfg.workdir / "fg.json", runtime=3600)
-            argv += [f"--write_bw_log={bwlog}", f"--log_avg_msec={avg_ms}", "--log_unix_epoch=1"]
-            fio = env.spawn(f"fio-fg{rep}", argv)
-            st.callback(safe("stop foreground fio", fio.stop))
-            time.sleep(1.0)  # fio takes a few hundred ms to start issuing I/O
-            fio.check()
         wall0 = time.time()
         seconds, status = migrate(ctl, target, daemon, cfg.mig_size, cfg.slack)
         wall1 = time.time()
         rate = cfg.mig_size / seconds / 1e6
         m.add(rate, seconds=seconds, status=status, rss_mib=vm_hwm_mib(daemon.pid))
         log.info("%-40s #%d %8.0f MB/s (%.2f s)", m.title, rep + 1, rate, seconds)
-        if fio is not None:
-            fio.popen.send_signal(signal.SIGINT)
-            try:
-                fio.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                fio.stop()
-            whole = fio_figures(cfg.workdir / "fg.json", FG_JOB)["value"]
-            window = bw_log_window(Path(f"{bwlog}_bw.1.log"), wall0, wall1, avg_ms)
-            during = window if window is not None else whole
-            ms["fg-mig"].add(during, whole_run=whole, from_window=window is not None)
+        if fg is not None:
+            during, detail = fg.stop(wall0, wall1)
+            ms["fg-mig"].add(during, **detail)
             log.info("%-40s #%d %8.0f MB/s", ms["fg-mig"].title, rep + 1, during)
-            base = run_fio(env.cfg, dev, FG_JOB, cfg.runtime)
-            ms["fg-base"].add(base["value"], when="after")
-            log.info("%-40s #%d %8.0f MB/s", ms["fg-base"].title, rep + 1, base["value"])
+            base = fg.base()
+            ms["fg-base"].add(base, when="after")
+            log.info("%-40s #%d %8.0f MB/s", ms["fg-base"].title, rep + 1, base)
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    """A ``key value`` per line stats file (non-integer values are left out)."""
+    out = {}
+    for line in read_ctl(path).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def full_sync(mnt: Path, uri: str, proc: Proc, size: int, slack: float) -> tuple[float, str]:
+    """Replace mirror replica n-1 by ``uri`` and poll its state until ``in_sync``.
+
+    The write returns once the old target has left the in-sync set, so any ``in_sync`` read
+    after it means the new one is synced. Returns (seconds, the last progress seen)."""
+    ctl, state = mnt / "n-1" / "migrate", mnt / "n-1" / "state"
+    timeout = size / 2e6 + slack
+    t0 = time.monotonic()
+    try:
+        with open(ctl, "w") as f:
+            f.write(uri + "\n")
+    except OSError as e:
+        raise BenchError(f"cannot write {ctl}: {e}") from e
+    seen = ""
+    while time.monotonic() - t0 < timeout:
+        proc.check()
+        try:
+            now = read_ctl(state)
+        except OSError as e:
+            now = f"<{e}>"
+        if now == "in_sync":
+            return time.monotonic() - t0, seen
+        if now == "failed":
+            raise BenchError("the new replica failed during the sync")
+        seen = now
+        time.sleep(POLL_S)
+    raise BenchError(f"full sync not done after {timeout:.0f}s (state {seen!r})")
+
+
+def run_mirror_sync(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) -> None:
+    """A fresh mirror of two ``nbdkit memory`` nodes, filled through disk.img; replica n-1 is
+    replaced by an empty node and fully synced, idle or under a foreground seq-read load.
+    The rate is data sent (``resync_bytes`` in ``stats``) over the time to ``in_sync``."""
+    cfg = env.cfg
+    kind = "load" if loaded else "idle"
+    m = ms[f"msync-{kind}"]
+    with contextlib.ExitStack() as st:
+        uris = []
+        for i in range(2):
+            uri, _ = env.nbdkit_memory(st, f"msync-{kind}{rep}-n{i}", cfg.mig_size)
+            uris.append(uri)
+        target, _ = env.nbdkit_memory(st, f"msync-{kind}{rep}-new", cfg.mig_size)
+        mnt, daemon = env.dstfs_mount(st, f"msync-{kind}{rep}", "mirror", uris)
+        dev, _ = env.attach_loop(st, mnt / "disk.img")
+        run_fio(env.cfg, dev, FILL_JOB, runtime=None, size=cfg.mig_size)
+        fg = Foreground(env, st, dev, f"mfg-{rep}") if loaded else None
+        if fg is not None:
+            ms["mfg-base"].add(fg.base(), when="before")
+            fg.start()
+        before = read_stats(mnt / "stats")
+        wall0 = time.time()
+        seconds, seen = full_sync(mnt, target, daemon, cfg.mig_size, cfg.slack)
+        wall1 = time.time()
+        after = read_stats(mnt / "stats")
+        sent = after.get("resync_bytes", 0) - before.get("resync_bytes", 0)
+        zero = after.get("resync_zero_bytes", 0) - before.get("resync_zero_bytes", 0)
+        rate = sent / seconds / 1e6
+        m.add(rate, seconds=seconds, resync_bytes=sent, resync_zero_bytes=zero, progress=seen)
+        log.info(
+            "%-40s #%d %8.0f MB/s (%d MiB sent, %d MiB zeroes, %.2f s)",
+            m.title,
+            rep + 1,
+            rate,
+            sent // MiB,
+            zero // MiB,
+            seconds,
+        )
+        if sent == 0:
+            m.fail("the full sync sent no data (stats resync_bytes unchanged)")
+        if fg is not None:
+            during, detail = fg.stop(wall0, wall1)
+            ms["mfg-sync"].add(during, **detail)
+            log.info("%-40s #%d %8.0f MB/s", ms["mfg-sync"].title, rep + 1, during)
+            ms["mfg-base"].add(fg.base(), when="after")
+
+
+def run_sparse_mirror_rss(env: Env, ms: dict[str, Measure]) -> None:
+    """The daemon's peak RSS over a 64 GiB mirror of sparse ``nbdkit memory`` nodes, after a
+    random 4 KiB write job over the whole disk (regions marked all over the bitmap)."""
+    cfg = env.cfg
+    m = ms["mirror-rss"]
+    with contextlib.ExitStack() as st:
+        uris = []
+        for i in range(2):
+            uri, _ = env.nbdkit_memory(st, f"msparse-n{i}", SPARSE_MIRROR_NODE)
+            uris.append(uri)
+        mnt, daemon = env.dstfs_mount(st, "msparse", "mirror", uris)
+        dev, _ = env.attach_loop(st, mnt / "disk.img")
+        job = next(j for j in JOBS if j.key == "randwrite")
+        fig = run_fio(env.cfg, dev, job, cfg.runtime)
+        rss = vm_hwm_mib(daemon.pid)
+        if rss is None:
+            raise BenchError("cannot read the daemon's VmHWM")
+        m.add(rss, randwrite_iops=fig["value"])
+        log.info("%-40s %8.0f MiB (randwrite %.0f IOPS)", m.title, rss, fig["value"])
 
 
 def run_extras(env: Env, ms: dict[str, Measure]) -> None:
@@ -219,3 +366,15 @@ def run_extras(env: Env, ms: dict[str, Measure]) -> None:
                 keys = ("mig-load", "fg-mig") if loaded else ("mig-idle",)
                 for key in keys:
                     ms[key].fail(e)
+    for rep in range(env.cfg.repeat):
+        for loaded in (False, True):
+            try:
+                run_mirror_sync(env, ms, rep, loaded)
+            except Exception as e:
+                keys = ("msync-load", "mfg-sync") if loaded else ("msync-idle",)
+                for key in keys:
+                    ms[key].fail(e)
+    try:
+        run_sparse_mirror_rss(env, ms)
+    except Exception as e:
+        ms["mirror-rss"].fail(e)

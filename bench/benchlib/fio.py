@@ -89,6 +89,7 @@ def fio_figures(path: Path, job: Job) -> dict[str, Any]:
         "bw_bytes": side["bw_bytes"],
         "iops": side["iops"],
         "io_bytes": side["io_bytes"],
+        "ios": side.get("total_ios", 0),
         "runtime_ms": side["runtime"],
         "clat_mean_us": clat.get("mean", 0) / 1000,
         "clat_p99_us": pct.get("99.000000", 0) / 1000,

@@ -140,6 +140,32 @@ def vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (utime + stime, every thread's, dead threads included) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def loop_requests(dev: str, reads: bool) -> int | None:
+    """Requests submitted to a block device so far, one direction (/sys/block/X/stat: completed
+    plus merged, so that a merged pair counts as the two I/Os fio issued)."""
+    try:
+        fields = Path(f"/sys/block/{Path(dev).name}/stat").read_text().split()
+    except OSError:
+        return None
+    done, merged = (0, 1) if reads else (4, 5)
+    return int(fields[done]) + int(fields[merged])
+
+
 class CacheDropper:
     """``echo 3 > /proc/sys/vm/drop_caches`` in a child with a time limit.
 

@@ -1,6 +1,7 @@
 """The report: aligned text tables and the JSON of a run. Pure: figures in,
-text and dicts out (medians, min-max spreads, ratios to the anchor row), so
-it is tested with fixed inputs (tests/test_bench_report.py)."""
+text and dicts out (medians, min-max spreads, ratios to the anchor row, CPU
+µs per request of the daemon and of the nodes), so it is tested with fixed
+inputs (tests/test_bench_report.py)."""
 
 from __future__ import annotations
 
@@ -72,11 +73,20 @@ def row_cell(row: Row, job: Job) -> str:
     return fmt_value(v) + mark
 
 
+def cpu_cell(row: Row, job: Job) -> str:
+    """Median µs of CPU per request, ``daemon/nodes`` ("-" for a side with no process)."""
+    parts = []
+    for who in ("daemon", "nodes"):
+        med = summary(row.cpu_values(job, who))["median"]
+        parts.append("-" if med is None else f"{med:.0f}")
+    return "/".join(parts)
+
+
 def main_tables(rows: list[Row]) -> str:
     anchor = next((r for r in rows if r.spec.key == ANCHOR), None)
     headers = ["row"]
     for job in JOBS:
-        headers += [f"{job.title} {job.unit}", "ratio"]
+        headers += [f"{job.title} {job.unit}", "ratio", "µs/req d/n"]
     headers.append("RSS MiB")
     body: list[list[str] | str] = []
     spread: list[list[str] | str] = []
@@ -89,7 +99,7 @@ def main_tables(rows: list[Row]) -> str:
         for job in JOBS:
             med = summary(row.values(job))["median"]
             ref = summary(anchor.values(job))["median"] if anchor else None
-            cells += [row_cell(row, job), fmt_ratio(med, ref)]
+            cells += [row_cell(row, job), fmt_ratio(med, ref), cpu_cell(row, job)]
             s = summary(row.values(job))
             sp.append("-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}")
         rss = row.daemon_rss if row.spec.dstfs else None
@@ -109,11 +119,12 @@ def extras_table(ms: dict[str, Measure]) -> str:
             body.append(f"{m.title}\t{short_error(m.errors[-1], 90)}")
             continue
         ref = ms[m.ratio_to] if m.ratio_to else None
+        unit = "" if m.unit == "MB/s" else f" {m.unit}"  # the column is MB/s unless it says
         ref_med = summary(ref.samples)["median"] if ref else None
         body.append(
             [
                 m.title,
-                fmt_value(s["median"]) + ("*" if m.errors else ""),
+                fmt_value(s["median"]) + ("*" if m.errors else "") + unit,
                 "-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}",
                 str(len(m.samples)),
                 fmt_ratio(s["median"], ref_med) if ref else "",
@@ -136,6 +147,9 @@ def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
                 "unit": job.unit,
                 **s,
                 "ratio_to_nbdfuse": s["median"] / ref if s["median"] is not None and ref else None,
+                "cpu_us_per_request": {
+                    who: summary(row.cpu_values(job, who)) for who in ("daemon", "nodes")
+                },
                 "samples": row.samples.get(job.key, []),
                 "errors": row.job_errors.get(job.key, []),
             }

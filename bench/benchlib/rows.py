@@ -18,6 +18,7 @@ from .config import (
     NOOP_FS,
     REPO_DIR,
     SLOW_NODE_RATE,
+    WHOLE_DISK_NODES,
     BenchError,
     BenchTimeout,
     Job,
@@ -25,7 +26,7 @@ from .config import (
     describe,
 )
 from .fio import run_fio
-from .processes import Env, Proc, safe, vm_hwm_mib
+from .processes import Env, Proc, cpu_seconds, loop_requests, safe, vm_hwm_mib
 
 log = logging.getLogger("bench")
 
@@ -45,6 +46,28 @@ class Row:
 
     def values(self, job: Job) -> list[float]:
         return [s["value"] for s in self.samples.get(job.key, [])]
+
+    def cpu_values(self, job: Job, who: str) -> list[float]:
+        """µs of CPU per request of ``who`` ("daemon" or "nodes") in each sample of ``job``."""
+        out = []
+        for s in self.samples.get(job.key, []):
+            v = s.get("cpu_us_per_request", {}).get(who)
+            if v is not None:
+                out.append(v)
+        return out
+
+    @property
+    def nodes(self) -> list[Proc]:
+        """The node servers (every process of the row but the daemon)."""
+        return [p for p in self.procs if p is not self.daemon]
+
+    def cpu_now(self) -> dict[str, float | None]:
+        """CPU seconds used so far by the daemon and by all node servers together."""
+        out: dict[str, float | None] = {}
+        for who, procs in (("daemon", [self.daemon] if self.daemon else []), ("nodes", self.nodes)):
+            times = [cpu_seconds(p.pid) for p in procs]
+            out[who] = None if not procs or None in times else sum(t or 0.0 for t in times)
+        return out
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -67,16 +90,18 @@ def setup_row(env: Env, row: Row) -> None:
     if row.spec.dstfs:
         env.require_dstfs()
         uris = []
-        for i in range(2):
+        count = WHOLE_DISK_NODES.get(key, 2)
+        node_size = cfg.disk_size if key in WHOLE_DISK_NODES else cfg.node_size
+        for i in range(count):
             name = f"{key}-n{i}"
             if key == "linear-serve":
-                uri, p = env.dstfs_serve(st, name, cfg.tmpfs / f"{name}.img", cfg.node_size)
+                uri, p = env.dstfs_serve(st, name, cfg.tmpfs / f"{name}.img", node_size)
             else:
                 rate = SLOW_NODE_RATE if key.endswith("-slow") else None
-                uri, p = env.nbdkit_memory(st, name, cfg.node_size, rate)
+                uri, p = env.nbdkit_memory(st, name, node_size, rate)
             row.procs.append(p)
             uris.append(uri)
-        alg = "stripe" if key.startswith("stripe") else "linear"
+        alg = key.split("-")[0] if key.startswith(("stripe", "mirror")) else "linear"
         mnt, row.daemon = env.dstfs_mount(st, key, alg, uris)
         row.procs.append(row.daemon)
         disk = mnt / "disk.img"
@@ -130,7 +155,9 @@ def run_rows(env: Env, rows: list[Row]) -> None:
                 try:
                     if job.reads:
                         env.drop_caches()
+                    cpu0, req0 = row.cpu_now(), loop_requests(row.dev, job.reads)
                     sample = run_fio(env.cfg, row.dev, job, cfg.runtime, ramp=cfg.ramp)
+                    add_cpu(sample, cpu0, row.cpu_now(), req0, loop_requests(row.dev, job.reads))
                 except Exception as e:
                     log.error("%s %s #%d: %s", row.spec.name, job.key, rep + 1, describe(e))
                     row.job_errors.setdefault(job.key, []).append(describe(e))
@@ -144,14 +171,39 @@ def run_rows(env: Env, rows: list[Row]) -> None:
                     continue
                 sample["t"] = time.time()
                 row.samples.setdefault(job.key, []).append(sample)
+                cpu = sample["cpu_us_per_request"]
                 log.info(
-                    "%-20s %-10s #%d %10.0f %s",
+                    "%-20s %-10s #%d %10.0f %s, CPU us/request daemon %s nodes %s",
                     row.spec.name,
                     job.key,
                     rep + 1,
                     sample["value"],
                     job.unit,
+                    "-" if cpu["daemon"] is None else f"{cpu['daemon']:.1f}",
+                    "-" if cpu["nodes"] is None else f"{cpu['nodes']:.1f}",
                 )
+
+
+def add_cpu(
+    sample: dict[str, Any],
+    cpu0: dict[str, float | None],
+    cpu1: dict[str, float | None],
+    req0: int | None,
+    req1: int | None,
+) -> None:
+    """CPU per request over one fio run: the processes' CPU over the whole run (ramp included)
+    divided by the requests the loop device took over the same window (fio's own count leaves
+    the ramp out, so it would not match the CPU's window); fio's count when sysfs has none."""
+    requests = req1 - req0 if req0 is not None and req1 is not None else None
+    sample["requests"] = requests
+    n = requests or sample.get("ios")
+    sample["cpu_s"] = {}
+    sample["cpu_us_per_request"] = {}
+    for who in ("daemon", "nodes"):
+        a, b = cpu0.get(who), cpu1.get(who)
+        used = b - a if a is not None and b is not None else None
+        sample["cpu_s"][who] = used
+        sample["cpu_us_per_request"][who] = used / n * 1e6 if used is not None and n else None
 
 
 def noop_python() -> str:
