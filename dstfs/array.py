@@ -299,36 +299,34 @@ class Array:
         if offset + length > size:
             length = size - offset
             view = view[:length]
-        if self.replicas is not None:
-            try:
-                await self.replicas.readinto(offset, view)
-            except OSError:
-                self.stats.errors += 1
-                raise
-            self.stats.reads += 1
-            self.stats.read_bytes += length
-            return length
-        extents = self.alg.map(offset, length)
         try:
-            if len(extents) == 1 and len(extents[0].segments) == 1:
-                e = extents[0]
-                await self.nodes[e.node].read(e.node_offset, e.length, [view])
+            if self.replicas is not None:
+                await self.replicas.readinto(offset, view)
             else:
-                await _all(
-                    partial(
-                        self.nodes[e.node].read,
-                        e.node_offset,
-                        e.length,
-                        [view[boff : boff + blen] for boff, blen in e.segments],
-                    )
-                    for e in extents
-                )
+                await self._read_parts(offset, length, view)
         except OSError:
             self.stats.errors += 1
             raise
         self.stats.reads += 1
         self.stats.read_bytes += length
         return length
+
+    async def _read_parts(self, offset: int, length: int, view: memoryview) -> None:
+        """Linear and stripe: each node's part straight into its segments."""
+        extents = self.alg.map(offset, length)
+        if len(extents) == 1 and len(extents[0].segments) == 1:
+            e = extents[0]
+            await self.nodes[e.node].read(e.node_offset, e.length, [view])
+            return
+        await _all(
+            partial(
+                self.nodes[e.node].read,
+                e.node_offset,
+                e.length,
+                [view[boff : boff + blen] for boff, blen in e.segments],
+            )
+            for e in extents
+        )
 
     async def write(self, offset: int, data: Buffer) -> int:
         """Write all of `data` at `offset`; ENOSPC past the end of the disk."""
@@ -338,25 +336,13 @@ class Array:
             if offset >= size:
                 raise OSError(errno.ENOSPC, "write past the end of the disk")
             length = size - offset
-        if self.replicas is not None:
-            try:
-                await self.replicas.write(offset, data[:length] if length < len(data) else data)
-            except OSError:
-                self.stats.errors += 1
-                raise
-            self.stats.writes += 1
-            self.stats.write_bytes += length
-            return length
-        extents = self.alg.map(offset, length, write=True)
-        view = memoryview(data)
         try:
-            if len(extents) == 1 and len(extents[0].segments) == 1:
-                e = extents[0]
-                await self.nodes[e.node].write(
-                    e.node_offset, view[:length] if length < len(data) else data
+            if self.replicas is not None:
+                await self.replicas.write(
+                    offset, memoryview(data)[:length] if length < len(data) else data
                 )
             else:
-                await self._write_many(extents, view)
+                await self._write_parts(offset, length, data)
         except OSError:
             self.stats.errors += 1
             raise
@@ -364,7 +350,17 @@ class Array:
         self.stats.write_bytes += length
         return length
 
-    async def _write_many(self, extents: list[Extent], view: memoryview) -> None:
+    async def _write_parts(self, offset: int, length: int, data: Buffer) -> None:
+        """Linear and stripe: each node gets its part."""
+        extents = self.alg.map(offset, length, write=True)
+        view = memoryview(data)
+        if len(extents) == 1 and len(extents[0].segments) == 1:
+            e = extents[0]
+            await self.nodes[e.node].write(
+                e.node_offset, view[:length] if length < len(data) else data
+            )
+            return
+
         def piece(e: Extent) -> Buffer:
             if len(e.segments) == 1:
                 boff, blen = e.segments[0]
