@@ -51,7 +51,8 @@ import math
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -65,6 +66,7 @@ from dstfs.nbd.tls import TLSHandshakeError, start_tls
 from dstfs.nbd.transport import SocketTransport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFERRED_BLOCK = 4096
 #: Seconds a new connection has to finish the handshake (GO or EXPORT_NAME).
@@ -553,6 +555,22 @@ class _Session:
         self.meta_export, self.meta_id = None, None
         log.info("%s: TLS %s", self.io.peer, self.io.transport.describe())
 
+    async def _named_export(
+        self, opt: int, decode: Callable[[bytes], tuple[str, T]], data: bytes
+    ) -> tuple[str, Export, T] | None:
+        """Decode an option that names an export; None once the error reply
+        (ERR_INVALID for bad data, ERR_UNKNOWN for no such export) is queued."""
+        try:
+            name, rest = decode(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            await self._reply(opt, P.Rep.ERR_INVALID, str(e).encode())
+            return None
+        export = self.server.find(name)
+        if export is None:
+            await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return None
+        return name, export, rest
+
     async def _meta_context(self, opt: int, data: bytes) -> None:
         """LIST answers which contexts match the queries (all with none);
         SET selects the matching ones for the export GO will name."""
@@ -560,15 +578,10 @@ class _Session:
         if selecting and not self.conn.structured_replies:
             await self._reply(opt, P.Rep.ERR_INVALID, b"negotiate structured replies first")
             return
-        try:
-            name, queries = P.decode_meta_context_query(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            await self._reply(opt, P.Rep.ERR_INVALID, str(e).encode())
+        found = await self._named_export(opt, P.decode_meta_context_query, data)
+        if found is None:
             return
-        export = self.server.find(name)
-        if export is None:
-            await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
-            return
+        name, export, queries = found
         if selecting:
             self.meta_export, self.meta_id = name, None
             wanted = P.BASE_ALLOCATION in queries
@@ -582,15 +595,10 @@ class _Session:
         await self._reply(opt, P.Rep.ACK)
 
     async def _info(self, opt: int, data: bytes) -> None:
-        try:
-            name, requests = P.decode_go_data(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            await self._reply(opt, P.Rep.ERR_INVALID, str(e).encode())
+        found = await self._named_export(opt, P.decode_go_data, data)
+        if found is None:
             return
-        export = self.server.find(name)
-        if export is None:
-            await self._reply(opt, P.Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
-            return
+        name, export, requests = found
         await self._reply(opt, P.Rep.INFO, P.encode_info_export(export.backend.size, export.flags))
         sizes = self.server.block_sizes(export)
         await self._reply(opt, P.Rep.INFO, P.encode_info_block_size(*sizes))
