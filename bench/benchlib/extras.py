@@ -13,6 +13,7 @@ import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,26 +136,51 @@ def migrate(ctl: Path, uri: str, proc: Proc, size: int, slack: float) -> tuple[f
         raise BenchError(f"cannot read {ctl}: {e}") from e
     if before == "done":
         log.warning("%s reads 'done' before the migration started", ctl)
-    timeout = size / 2e6 + slack
+    seconds, _ = write_and_wait(
+        ctl,
+        uri,
+        ctl,
+        proc,
+        size / 2e6 + slack,
+        "done",
+        lambda s: s.startswith("failed"),
+        "migration",
+    )
+    return seconds, "done"
+
+
+def write_and_wait(
+    ctl: Path,
+    value: str,
+    watch: Path,
+    proc: Proc,
+    timeout: float,
+    done: str,
+    failed: Callable[[str], bool],
+    what: str,
+) -> tuple[float, str]:
+    """Write ``value`` to ``ctl``, then poll ``watch`` until it reads ``done``; return
+    (seconds, the last other value seen). BenchError if ``failed(value)`` or on timeout."""
     t0 = time.monotonic()
     try:
         with open(ctl, "w") as f:
-            f.write(uri + "\n")
+            f.write(value + "\n")
     except OSError as e:
         raise BenchError(f"cannot write {ctl}: {e}") from e
-    status = ""
+    seen = ""
     while time.monotonic() - t0 < timeout:
         proc.check()
         try:
-            status = read_ctl(ctl)
+            now = read_ctl(watch)
         except OSError as e:
-            status = f"<{e}>"
-        if status == "done":
-            return time.monotonic() - t0, status
-        if status.startswith("failed"):
-            raise BenchError(f"migration {status}")
+            now = f"<{e}>"
+        if now == done:
+            return time.monotonic() - t0, seen
+        if failed(now):
+            raise BenchError(f"{what}: {now}")
+        seen = now
         time.sleep(POLL_S)
-    raise BenchError(f"migration not done after {timeout:.0f}s (status {status!r})")
+    raise BenchError(f"{what} not done after {timeout:.0f}s ({watch.name} {seen!r})")
 
 
 def bw_log_window(path: Path, t0: float, t1: float, avg_ms: int) -> float | None:
@@ -210,21 +236,28 @@ class Foreground:
         return during, {"whole_run": whole, "from_window": window is not None}
 
 
+def copy_rig(
+    env: Env, st: contextlib.ExitStack, name: str, alg: str
+) -> tuple[Path, Proc, Path, str]:
+    """Two fresh ``nbdkit memory`` nodes joined by ``alg``, a loop device on disk.img filled
+    with data, and an idle new target (started now so that it is stopped after the unmount).
+    Returns (mount point, daemon, loop device, the target's URI)."""
+    cfg = env.cfg
+    uris = [env.nbdkit_memory(st, f"{name}-n{i}", cfg.mig_size)[0] for i in range(2)]
+    target, _ = env.nbdkit_memory(st, f"{name}-new", cfg.mig_size)
+    mnt, daemon = env.dstfs_mount(st, name, alg, uris)
+    dev, _ = env.attach_loop(st, mnt / "disk.img")
+    run_fio(cfg, dev, FILL_JOB, runtime=None, size=cfg.mig_size)
+    return mnt, daemon, dev, target
+
+
 def run_migration(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) -> None:
     """One migration of node n-0 of a fresh two-node linear array, idle or under fio load."""
     cfg = env.cfg
     kind = "load" if loaded else "idle"
     m = ms[f"mig-{kind}"]
     with contextlib.ExitStack() as st:
-        uris = []
-        for i in range(2):
-            uri, _ = env.nbdkit_memory(st, f"mig-{kind}{rep}-n{i}", cfg.mig_size)
-            uris.append(uri)
-        # Started now (idle until the migration) so that it is stopped after the unmount.
-        target, _ = env.nbdkit_memory(st, f"mig-{kind}{rep}-new", cfg.mig_size)
-        mnt, daemon = env.dstfs_mount(st, f"mig-{kind}{rep}", "linear", uris)
-        dev, _ = env.attach_loop(st, mnt / "disk.img")
-        run_fio(env.cfg, dev, FILL_JOB, runtime=None, size=cfg.mig_size)
+        mnt, daemon, dev, target = copy_rig(env, st, f"mig-{kind}{rep}", "linear")
         fg = Foreground(env, st, dev, f"fg-{rep}") if loaded else None
         if fg is not None:
             ms["fg-base"].add(fg.base(), when="before")
@@ -260,28 +293,16 @@ def full_sync(mnt: Path, uri: str, proc: Proc, size: int, slack: float) -> tuple
 
     The write returns once the old target has left the in-sync set, so any ``in_sync`` read
     after it means the new one is synced. Returns (seconds, the last progress seen)."""
-    ctl, state = mnt / "n-1" / "migrate", mnt / "n-1" / "state"
-    timeout = size / 2e6 + slack
-    t0 = time.monotonic()
-    try:
-        with open(ctl, "w") as f:
-            f.write(uri + "\n")
-    except OSError as e:
-        raise BenchError(f"cannot write {ctl}: {e}") from e
-    seen = ""
-    while time.monotonic() - t0 < timeout:
-        proc.check()
-        try:
-            now = read_ctl(state)
-        except OSError as e:
-            now = f"<{e}>"
-        if now == "in_sync":
-            return time.monotonic() - t0, seen
-        if now == "failed":
-            raise BenchError("the new replica failed during the sync")
-        seen = now
-        time.sleep(POLL_S)
-    raise BenchError(f"full sync not done after {timeout:.0f}s (state {seen!r})")
+    return write_and_wait(
+        mnt / "n-1" / "migrate",
+        uri,
+        mnt / "n-1" / "state",
+        proc,
+        size / 2e6 + slack,
+        "in_sync",
+        lambda s: s == "failed",
+        "full sync of the new replica",
+    )
 
 
 def run_mirror_sync(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) -> None:
@@ -292,14 +313,7 @@ def run_mirror_sync(env: Env, ms: dict[str, Measure], rep: int, loaded: bool) ->
     kind = "load" if loaded else "idle"
     m = ms[f"msync-{kind}"]
     with contextlib.ExitStack() as st:
-        uris = []
-        for i in range(2):
-            uri, _ = env.nbdkit_memory(st, f"msync-{kind}{rep}-n{i}", cfg.mig_size)
-            uris.append(uri)
-        target, _ = env.nbdkit_memory(st, f"msync-{kind}{rep}-new", cfg.mig_size)
-        mnt, daemon = env.dstfs_mount(st, f"msync-{kind}{rep}", "mirror", uris)
-        dev, _ = env.attach_loop(st, mnt / "disk.img")
-        run_fio(env.cfg, dev, FILL_JOB, runtime=None, size=cfg.mig_size)
+        mnt, daemon, dev, target = copy_rig(env, st, f"msync-{kind}{rep}", "mirror")
         fg = Foreground(env, st, dev, f"mfg-{rep}") if loaded else None
         if fg is not None:
             ms["mfg-base"].add(fg.base(), when="before")
