@@ -157,6 +157,10 @@ def _only(group: BaseExceptionGroup) -> BaseException | None:
 class ArrayBackend(BackendBase):
     """The array seen through the Backend interface, for the NBD server."""
 
+    #: Every request waits on network nodes: serve a connection's requests
+    #: side by side, not one at a time.
+    concurrent_requests = True
+
     def __init__(self, array: Array) -> None:
         self.array = array
         self.name = f"array {array.name}"
