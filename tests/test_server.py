@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import termios
 import time
 import tracemalloc
@@ -24,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 from helpers.aio import poll
-from helpers.procs import dstfs_server, rss_kib
+from helpers.procs import DSTFS, dstfs_server, rss_kib
 
 from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
@@ -1073,3 +1074,57 @@ async def test_a_client_gone_lets_its_requests_finish(slow) -> None:
         backend.gate.set()
         await poll(lambda: srv.server.stats.active == active)
     assert file_bytes(srv.path, 0, len(data)) == data
+
+
+# ---------------------------------------------------------------- unix socket paths
+
+
+async def test_serve_unix_takes_over_only_a_stale_socket(tmp_path: Path) -> None:
+    backend = FileBackend.create(str(tmp_path / "d.img"), 1 * MiB)
+    server = NbdServer([Export("", backend)])
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await server.serve_unix(str(victim))
+    assert victim.read_text() == "keep me"
+    live, stale = tmp_path / "live.sock", tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(live))
+        other.listen(1)
+        with pytest.raises(OSError, match="already listens") as e:
+            await server.serve_unix(str(live))
+        assert e.value.errno == errno.EADDRINUSE and live.is_socket()
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(stale))  # closed: a leftover nobody listens on
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_unix, str(stale))
+        async with open_client(f"nbd+unix:///?socket={stale}") as c:
+            await check_client(c, 0)
+        nursery.cancel_scope.cancel()
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("what", ["file", "listening socket"])
+def test_dstfs_serve_unix_refuses_a_file_or_a_live_socket(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "there"
+    other = socket.socket(socket.AF_UNIX)
+    try:
+        if what == "file":
+            path.write_text("keep me")
+        else:
+            other.bind(str(path))
+            other.listen(1)
+        res = subprocess.run(
+            [*DSTFS, "serve", str(tmp_path / "d.img"), "--size", "1M", "--unix", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        says = "exists and is not a socket" if what == "file" else "already listens"
+        assert len(lines) == 1 and lines[0].startswith("dstfs serve: --unix") and says in lines[0]
+        assert path.read_text() == "keep me" if what == "file" else path.is_socket()
+        assert not (tmp_path / "d.img").exists()
+    finally:
+        other.close()

@@ -54,6 +54,9 @@ Rules:
   context STARTTLS is NBD_REP_ERR_UNSUP.
 - `allow` (networks): a TCP peer outside them is closed before the
   greeting, and logged. Unix socket peers are not filtered.
+- A unix socket server takes its path over only from a stale socket: a
+  file there (EEXIST) or a socket something listens on (EADDRINUSE) is
+  left alone and the server does not start.
 - CAN_MULTI_CONN is advertised: every connection shares one file descriptor,
   so a FLUSH on one covers writes acknowledged on all.
 """
@@ -68,6 +71,7 @@ import math
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -259,9 +263,10 @@ class NbdServer:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        check_unix_path(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
-            os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket: check_unix_path said so
         await sock.bind(path)
         sock.listen(128)
         try:
@@ -393,6 +398,24 @@ class NbdServer:
             self.stats.active -= 1
             io.close()
             log.info("%s: client disconnected", io.peer)
+
+
+def check_unix_path(path: str) -> None:
+    """A unix socket server replaces what is at `path`: only ever a stale
+    socket, never a file (EEXIST), nor a socket something still listens on
+    (EADDRINUSE)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # nobody listens: a leftover, safe to replace
+    raise OSError(errno.EADDRINUSE, f"{path}: a server already listens there")
 
 
 def _peer_name(family: int, addr: object) -> str:
