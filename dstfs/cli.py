@@ -32,6 +32,7 @@ def setup_logging(verbose: int, debug: bool = False) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.malloc import keep_freed_memory
+    from dstfs.nbd.server import check_unix_path
     from dstfs.serve import open_export, parse_allow, parse_listen, run_server, tls_setup
 
     listen = None
@@ -45,6 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow = [parse_allow(a) for a in args.allow] if args.allow else None
     except ValueError as e:
         raise CliError(str(e)) from None
+    if args.unix is not None:
+        try:
+            check_unix_path(args.unix)  # before PATH is created (bad input changes nothing)
+        except OSError as e:
+            raise CliError(f"--unix {e.strerror}") from None
     try:
         size = parse_size(args.size) if args.size else None
         backend = open_export(args.path, size, args.read_only)

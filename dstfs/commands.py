@@ -198,17 +198,25 @@ def _mount(args: argparse.Namespace, mountpoint: str | None, exports: ExportOpti
 
 
 def _export_options(args: argparse.Namespace) -> ExportOptions:
-    """`--export` addresses (checked before anything starts)."""
-    from dstfs.export import ExportOptions, parse_export_address  # only mount needs it
+    """The `--export*` options, all checked before anything starts."""
+    from dstfs.export import export_options  # only mount needs it
+
+    def absolute(path: str | None) -> str | None:
+        # The daemon may run from another directory (a systemd unit).
+        return os.path.abspath(path) if path else None
 
     try:
-        addrs = [parse_export_address(a, args.export_any_address) for a in args.export or ()]
+        return export_options(
+            args.export or [],
+            any_address=args.export_any_address,
+            tls_cert=absolute(args.export_tls_cert),
+            tls_key=absolute(args.export_tls_key),
+            tls_ca=absolute(args.export_tls_ca),
+            tls=args.export_tls,
+            allow=args.export_allow,
+        )
     except ValueError as e:
         raise CliError(str(e)) from None
-    paths = [a.path for a in addrs if a.path is not None]
-    if len(set(paths)) < len(paths) or len(set(addrs)) < len(addrs):
-        raise CliError("--export: the same address twice")
-    return ExportOptions(addresses=tuple(addrs))
 
 
 def _run_daemon(
@@ -292,6 +300,16 @@ def _spawn_daemon(
         argv += ["--export", a]
     if args.export_any_address:
         argv += ["--export-any-address"]
+    for flag, value in (
+        ("--export-tls-cert", exports.tls_cert),
+        ("--export-tls-key", exports.tls_key),
+        ("--export-tls-ca", exports.tls_ca),
+        ("--export-tls", exports.tls),
+    ):
+        if value is not None:
+            argv += [flag, value]
+    for a in args.export_allow or ():
+        argv += ["--export-allow", a]
     with open(logfile, "ab") as log_out:
         proc = subprocess.Popen(
             argv,
@@ -332,7 +350,7 @@ def _say_mounted(mountpoint: str, logfile: Path, exports: ExportOptions) -> None
         f"  tear down: umount /mnt/data; losetup -d $LOOP; dstfs umount {mountpoint}\n"
     )
     for addr in exports.addresses:
-        sys.stdout.write(f"  exported over NBD: {addr.uri()}\n")
+        sys.stdout.write(f"  exported over NBD: {addr.uri(exports.tls_on)}\n")
 
 
 def _say_running(state_dir: Path, logfile: Path, exports: ExportOptions) -> None:
@@ -344,7 +362,7 @@ def _say_running(state_dir: Path, logfile: Path, exports: ExportOptions) -> None
         f"{w.read('alg')}, {nodes} node(s); log {logfile}\n"
     )
     for addr in exports.addresses:
-        sys.stdout.write(f"  exported over NBD: {addr.uri()}\n")
+        sys.stdout.write(f"  exported over NBD: {addr.uri(exports.tls_on)}\n")
     sys.stdout.write(
         f"  watch it: dstfs status --state {state_dir}\n"
         f"  stop it: dstfs umount --state {state_dir}\n"
@@ -973,7 +991,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--export-any-address",
         action="store_true",
-        help="let --export listen on a non-loopback address (no authentication!)",
+        help="let --export listen on a non-loopback address without client "
+        "certificates (--export-tls-ca)",
+    )
+    m.add_argument("--export-tls-cert", metavar="FILE", help="export's TLS certificate, PEM")
+    m.add_argument("--export-tls-key", metavar="FILE", help="export's TLS private key, PEM")
+    m.add_argument(
+        "--export-tls-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA (PEM) on the export",
+    )
+    m.add_argument(
+        "--export-tls",
+        choices=["require", "allow", "off"],
+        help="require (the default with --export-tls-cert): no data without TLS; "
+        "allow: TLS is the client's choice; off",
+    )
+    m.add_argument(
+        "--export-allow",
+        action="append",
+        metavar="ADDR[/PREFIX]",
+        help="serve the export only to TCP clients from these addresses (repeatable)",
     )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)

@@ -11,14 +11,25 @@ Rules:
   does not offer it.
 - The backend never closes the array: the daemon does, after the server.
 - An export address is `unix:PATH` or `HOST:PORT`. A TCP address must be
-  loopback (127.0.0.0/8, ::1, `localhost`) unless `any_address` is set
-  (`--export-any-address`): the export has no authentication yet, so
-  anything that can connect can read and write the whole array.
-- A unix socket path is taken over only from a stale socket: a file there,
-  or a socket something listens on, fails the mount (EEXIST, EADDRINUSE).
+  loopback (127.0.0.0/8, ::1, `localhost`) unless the export authenticates
+  its clients (TLS required, with client certificates checked against
+  `--export-tls-ca`) or `any_address` is set (`--export-any-address`):
+  anything that can connect can read and write the whole array. `--export-
+  allow` narrows who may connect but proves nothing (an address can be
+  borrowed on a LAN), so alone it does not lift the rule. An export that
+  does not require TLS on an address other than loopback logs a warning
+  when it starts.
+- TLS and `--export-allow` behave as `dstfs serve`'s `--tls*` and
+  `--allow` (the same checks, dstfs/serve.py): TLS over a unix socket
+  too; `allow` filters TCP peers only.
+- A unix socket path is taken over only from a stale socket (see
+  NbdServer.serve_unix): a file there, or a socket something listens on,
+  fails the mount (EEXIST, EADDRINUSE).
 - `ExportOptions` gathers everything the export is told on the command line
-  (addresses now; TLS and `--allow` belong there too), so adding an option
-  touches the parser, this class and `serve_exports` only.
+  (addresses, TLS files and mode, allowed networks), checked by
+  `export_options` before anything starts, so adding an option touches the
+  parser, this class and `serve_exports` only. The daemon builds the TLS
+  context from the same files again when it starts serving.
 """
 
 from __future__ import annotations
@@ -27,9 +38,7 @@ import errno
 import ipaddress
 import logging
 import math
-import os
-import socket
-import stat
+import ssl
 
 import attrs
 import trio
@@ -37,7 +46,15 @@ import trio
 from dstfs.array import Array
 from dstfs.backends.base import BackendBase
 from dstfs.iotypes import Buffer
-from dstfs.nbd.server import Export, NbdServer
+from dstfs.nbd.server import Export, NbdServer, Network
+from dstfs.serve import (
+    TLSMode,
+    only_exception,
+    parse_allow,
+    tls_mode,
+    tls_setup,
+    warn_if_plain_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +67,13 @@ class ExportAddress:
     host: str | None = None
     port: int = 0
 
-    def uri(self) -> str:
-        """The NBD URI a client uses to reach this address."""
+    def uri(self, tls: bool = False) -> str:
+        """The NBD URI a client uses to reach this address (`nbds` with TLS)."""
+        s = "s" if tls else ""
         if self.path is not None:
-            return f"nbd+unix:///?socket={self.path}"
+            return f"nbd{s}+unix:///?socket={self.path}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}"
+        return f"nbd{s}://{host}:{self.port}"
 
 
 def parse_export_address(text: str, any_address: bool = False) -> ExportAddress:
@@ -71,8 +89,9 @@ def parse_export_address(text: str, any_address: bool = False) -> ExportAddress:
     host = host.removeprefix("[").removesuffix("]")
     if not any_address and not _loopback(host):
         raise ValueError(
-            f"--export {text}: {host} is not a loopback address; the export has no "
-            "authentication, so listening beyond this host needs --export-any-address"
+            f"--export {text}: {host} is not a loopback address; listening beyond this "
+            "host needs clients authenticated by TLS (--export-tls-cert, --export-tls-key, "
+            "--export-tls-ca) or --export-any-address"
         )
     return ExportAddress(host=host, port=int(port))
 
@@ -86,28 +105,64 @@ def _loopback(host: str) -> bool:
         return False  # a name other than localhost may resolve anywhere
 
 
+#: How the export's TLS options are named (errors, warnings).
+TLS_FLAG = "--export-tls"
+
+
 @attrs.frozen
 class ExportOptions:
-    """What `dstfs mount --export ...` asked for (TLS and --allow go here too)."""
+    """What `dstfs mount --export ...` asked for (see `export_options`)."""
 
     addresses: tuple[ExportAddress, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    #: require, allow or off; None: require with a certificate, else off.
+    tls: str | None = None
+    #: TCP peers allowed (None: all).
+    allow: tuple[Network, ...] | None = None
+
+    def tls_context(self) -> tuple[ssl.SSLContext | None, bool]:
+        """The TLS context (None: plain) and whether TLS is required;
+        ValueError with the reason."""
+        return tls_setup(self.tls_cert, self.tls_key, self.tls_ca, self.tls, TLS_FLAG)
+
+    @property
+    def tls_on(self) -> bool:
+        return tls_mode(self.tls_cert, self.tls) is not TLSMode.OFF
+
+    @property
+    def authenticates(self) -> bool:
+        """Every client proves who it is: TLS required, client certificates checked."""
+        return self.tls_ca is not None and tls_mode(self.tls_cert, self.tls) is TLSMode.REQUIRE
 
 
-def _check_unix_path(path: str) -> None:
-    """The server replaces what is at `path`: only ever a stale socket, never
-    a file, nor a socket something still listens on."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return  # nobody listens: a leftover, safe to replace
-    raise OSError(errno.EADDRINUSE, f"{path}: a server already listens there")
+def export_options(
+    addresses: list[str],
+    *,
+    any_address: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    tls: str | None = None,
+    allow: list[str] | None = None,
+) -> ExportOptions:
+    """Check the `--export*` options of `dstfs mount`, all of them before
+    anything starts: ValueError with the reason (one line for the CLI)."""
+    options = ExportOptions(
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls=tls,
+        allow=tuple(parse_allow(a, "--export-allow") for a in allow) if allow else None,
+    )
+    options.tls_context()  # the files are read and must fit together
+    exposed_ok = any_address or options.authenticates
+    addrs = tuple(parse_export_address(a, exposed_ok) for a in addresses)
+    paths = [a.path for a in addrs if a.path is not None]
+    if len(set(paths)) < len(paths) or len(set(addrs)) < len(addrs):
+        raise ValueError("--export: the same address twice")
+    return attrs.evolve(options, addresses=addrs)
 
 
 async def serve_exports(
@@ -119,43 +174,52 @@ async def serve_exports(
     """Serve `array` on every address of `options` until cancelled; started
     once all listen, with the URIs they answer on. An address that cannot be
     bound raises OSError before `started`."""
-    server = NbdServer([Export("", ArrayBackend(array), description=f"dstfs {array.name}")])
+    try:
+        tls, tls_required = options.tls_context()
+    except ValueError as e:  # the files changed since the mount checked them
+        raise OSError(errno.EINVAL, str(e)) from None
+    server = NbdServer(
+        [Export("", ArrayBackend(array), description=f"dstfs {array.name}")],
+        tls=tls,
+        tls_required=tls_required,
+        allow=options.allow,
+    )
     try:
         async with trio.open_nursery() as nursery:
-            uris = []
+            uris, hosts = [], []
             for addr in options.addresses:
                 if addr.path is not None:
-                    _check_unix_path(addr.path)
                     await nursery.start(server.serve_unix, addr.path)
-                    uris.append(addr.uri())
+                    uris.append(addr.uri(tls is not None))
                 else:
                     assert addr.host is not None
                     listeners = await nursery.start(server.serve_tcp, addr.host, addr.port)
                     port = listeners[0].socket.getsockname()[1]
-                    uris.append(attrs.evolve(addr, port=port).uri())
-            log.info("%s: exported over NBD on %s", array.name, ", ".join(uris))
+                    uris.append(attrs.evolve(addr, port=port).uri(tls is not None))
+                    hosts += [lst.socket.getsockname()[0] for lst in listeners]
+            log.info(
+                "%s: exported over NBD on %s (TLS %s)",
+                array.name,
+                ", ".join(uris),
+                "required" if tls_required else "allowed" if tls else "off",
+            )
+            warn_if_plain_text(hosts, tls_required, TLS_FLAG)
             task_status.started(uris)
             await trio.sleep(math.inf)
     except BaseExceptionGroup as group:
         # The nursery wraps a failed bind: give the caller the OSError itself.
-        leaf = _only(group)
+        leaf = only_exception(group)
         if isinstance(leaf, OSError):
             raise leaf from None
         raise
 
 
-def _only(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception in a (nested) group of one; None otherwise."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return None
-
-
 class ArrayBackend(BackendBase):
     """The array seen through the Backend interface, for the NBD server."""
+
+    #: Every request waits on network nodes: serve a connection's requests
+    #: side by side, not one at a time.
+    concurrent_requests = True
 
     def __init__(self, array: Array) -> None:
         self.array = array

@@ -86,7 +86,8 @@ class PayloadPool:
     hands out a view of exactly n bytes, or None when the buffers out
     already reserve `cap` bytes (the caller waits for a `give`; one buffer
     is always granted, so any single request can proceed). Requests up to
-    `small` bytes are never refused: a connection holds one at a time, so
+    `small` bytes are never refused: a connection holds one at a time (or,
+    serving requests concurrently, a bounded number: see nbd/server.py), so
     they are bounded by the connection limit, and a normal client is served
     while large payloads wait. Free buffers idle for `idle` seconds are
     unmapped by `trim()`, which gives their memory back to the system."""

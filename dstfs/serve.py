@@ -38,50 +38,72 @@ class TLSMode(enum.Enum):
     OFF = "off"
 
 
-def parse_allow(text: str) -> Network:
-    """`ADDR` or `ADDR/PREFIX`, IPv4 or IPv6 (host bits may be set)."""
+def parse_allow(text: str, flag: str = "--allow") -> Network:
+    """`ADDR` or `ADDR/PREFIX`, IPv4 or IPv6 (host bits may be set); `flag`
+    names the option in the error (`dstfs mount` has `--export-allow`)."""
     try:
         return ipaddress.ip_network(text.strip().replace("[", "").replace("]", ""), strict=False)
     except ValueError:
         raise ValueError(
-            f"--allow wants ADDR[/PREFIX] (e.g. 192.0.2.0/24, ::1), not {text!r}"
+            f"{flag} wants ADDR[/PREFIX] (e.g. 192.0.2.0/24, ::1), not {text!r}"
         ) from None
 
 
+def tls_mode(cert: str | None, mode: str | None) -> TLSMode:
+    """The mode asked for: require by default when a certificate is given, else off."""
+    return TLSMode(mode) if mode else TLSMode.REQUIRE if cert else TLSMode.OFF
+
+
 def tls_setup(
-    cert: str | None, key: str | None, ca: str | None, mode: str | None
+    cert: str | None, key: str | None, ca: str | None, mode: str | None, flag: str = "--tls"
 ) -> tuple[ssl.SSLContext | None, bool]:
-    """The server's TLS context (None: no TLS) and whether TLS is required.
-    The default mode is require when a certificate is given, else off."""
-    tls_mode = TLSMode(mode) if mode else TLSMode.REQUIRE if cert else TLSMode.OFF
-    if tls_mode is TLSMode.OFF:
+    """The server's TLS context (None: no TLS) and whether TLS is required
+    (see `tls_mode`); `flag` prefixes the option names in errors
+    (`dstfs mount` has `--export-tls`, `--export-tls-cert`, ...)."""
+    mode_ = tls_mode(cert, mode)
+    if mode_ is TLSMode.OFF:
         if cert or key or ca:
-            raise ValueError("--tls off takes no --tls-cert, --tls-key or --tls-ca")
+            raise ValueError(f"{flag} off takes no {flag}-cert, {flag}-key or {flag}-ca")
         return None, False
     if not cert or not key:
-        raise ValueError(f"--tls {tls_mode.value} needs --tls-cert and --tls-key")
+        raise ValueError(f"{flag} {mode_.value} needs {flag}-cert and {flag}-key")
     try:
         ctx = server_context(cert, key, ca)
     except ssl.SSLError as e:
         raise ValueError(f"TLS certificate or key not usable: {describe_ssl_error(e)}") from None
     except OSError as e:
         raise ValueError(f"TLS files: {e.strerror or e}: {e.filename or cert}") from None
-    return ctx, tls_mode is TLSMode.REQUIRE
+    return ctx, mode_ is TLSMode.REQUIRE
 
 
-def warn_if_plain_text(hosts: list[str], tls_required: bool) -> bool:
+def warn_if_plain_text(hosts: list[str], tls_required: bool, flag: str = "--tls") -> bool:
     """Log a warning (and say True) when a server that does not require TLS
     listens on an address other than loopback."""
     if tls_required:
         return False
     exposed = [h for h in hosts if not ipaddress.ip_address(h.split("%", 1)[0]).is_loopback]
+    allow = "--allow" if flag == "--tls" else flag.removesuffix("tls") + "allow"
     for host in exposed:
         log.warning(
             "serving on %s without requiring TLS: whoever reaches it reads and writes"
-            " the export in plain text (see --tls-cert, --tls-key, --allow)",
+            " the export in plain text (see %s-cert, %s-key, %s)",
             host,
+            flag,
+            flag,
+            allow,
         )
     return bool(exposed)
+
+
+def only_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in a (nested) group of one; None otherwise. A
+    nursery wraps a failed bind: the caller wants the OSError itself."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None
 
 
 def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
@@ -122,22 +144,12 @@ async def run_server(
         allow=allow,
     )
     try:
-        async with trio.open_nursery() as nursery:
-            if unix is not None:
-                listeners = await nursery.start(server.serve_unix, unix)
-                log.info("serving %s as %r on unix:%s", backend.path, export, unix)
-            else:
-                assert listen is not None
-                listeners = await nursery.start(server.serve_tcp, *listen)
-                addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
-                log.info("serving %s as %r on %s", backend.path, export, addrs)
-                warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], tls_required)
-            task_status.started(listeners)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("signal %s: stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+        await _serve(server, backend, listen, unix, export, tls_required, task_status)
+    except BaseExceptionGroup as group:
+        leaf = only_exception(group)
+        if isinstance(leaf, OSError):
+            raise leaf from None
+        raise
     finally:
         with trio.CancelScope(shield=True):
             if not read_only:
@@ -146,3 +158,30 @@ async def run_server(
                 except OSError as e:
                     log.error("%s: final flush failed: %s", backend.path, e)
             await backend.aclose()
+
+
+async def _serve(
+    server: NbdServer,
+    backend: FileBackend,
+    listen: tuple[str, int] | None,
+    unix: str | None,
+    export: str,
+    tls_required: bool,
+    task_status: trio.TaskStatus[list[trio.SocketListener]],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        if unix is not None:
+            listeners = await nursery.start(server.serve_unix, unix)
+            log.info("serving %s as %r on unix:%s", backend.path, export, unix)
+        else:
+            assert listen is not None
+            listeners = await nursery.start(server.serve_tcp, *listen)
+            addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
+            log.info("serving %s as %r on %s", backend.path, export, addrs)
+            warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], tls_required)
+        task_status.started(listeners)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal %s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -112,15 +112,21 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def no_fuse(
-    state: Path, nodes: Sequence[str], exports: Sequence[str], prefix: Sequence[str] = ()
+    state: Path,
+    nodes: Sequence[str],
+    exports: Sequence[str],
+    prefix: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> Iterator[subprocess.CompletedProcess]:
-    """`dstfs mount --no-fuse` (run under `prefix`, e.g. unshare); stopped
-    afterwards with `dstfs umount --state`, or killed if that fails."""
+    """`dstfs mount --no-fuse` (run under `prefix`, e.g. unshare; `extra`
+    arguments at the end); stopped afterwards with `dstfs umount --state`,
+    or killed if that fails."""
     argv = [*DSTFS, "mount", "--no-fuse", "--state", str(state)]
     for n in nodes:
         argv += ["--node", n]
     for e in exports:
         argv += ["--export", e]
+    argv += extra
     res = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=60)
     try:
         yield res

@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import termios
 import time
 import tracemalloc
@@ -24,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 from helpers.aio import poll
-from helpers.procs import dstfs_server, rss_kib
+from helpers.procs import DSTFS, dstfs_server, rss_kib
 
 from dstfs.backends.base import BackendFilter
 from dstfs.backends.file import FileBackend
@@ -945,3 +946,185 @@ async def test_block_status_without_a_context_is_einval(srv: Srv) -> None:
     r = await srv.raw()
     assert await r.call(CMD_BLOCK_STATUS, 0, 4096) == (22, b"")
     assert await r.call(CMD_READ, 0, 512) == (0, bytes(512))
+
+
+# ---------------------------------------------------------------- concurrent requests
+
+
+class Slow(BackendFilter):
+    """A backend like the array's: requests wait on something slow, so the
+    server runs them side by side. A READ at `hold` waits until `gate`
+    opens; a WRITE opens it. `reading`/`writing` count requests inside."""
+
+    concurrent_requests = True
+
+    def __init__(self, inner: FileBackend, hold: int = 0) -> None:
+        super().__init__(inner)
+        self.gate = trio.Event()
+        self.hold = hold
+        self.reading = self.writing = 0
+
+    async def pread(self, offset: int, length: int) -> Buffer:
+        self.reading += 1
+        try:
+            if offset == self.hold:
+                await self.gate.wait()
+            return await self.inner.pread(offset, length)
+        finally:
+            self.reading -= 1
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self.writing += 1
+        try:
+            if offset == self.hold:
+                await self.gate.wait()
+            else:
+                self.gate.set()
+            await self.inner.pwrite(offset, data, fua)
+        finally:
+            self.writing -= 1
+
+
+@pytest.fixture
+async def slow(tmp_path: Path) -> AsyncIterator[tuple[Srv, Slow]]:
+    path = tmp_path / "slow.img"
+    inner = FileBackend.create(str(path), SIZE)
+    backend = Slow(inner)
+    try:
+        async with serving(Export("", backend), path=path) as s:
+            yield s, backend
+    finally:
+        await inner.aclose()
+
+
+async def test_requests_run_side_by_side_on_a_concurrent_backend(slow) -> None:
+    """A READ that waits for a WRITE sent after it on the same connection:
+    one request at a time, this never finishes."""
+    srv, _backend = slow
+    r = await srv.raw()
+    data = random.randbytes(4 * KiB)
+    await r.request(CMD_READ, 1, 0, 4 * KiB)
+    await r.request(CMD_WRITE, 2, 1 * MiB, len(data), data=data)
+    with trio.fail_after(20):
+        assert await r.reply() == (2, 0, b"")
+        assert await r.reply(4 * KiB) == (1, 0, bytes(4 * KiB))
+        assert await r.call(CMD_READ, 1 * MiB, len(data)) == (0, data)
+
+
+async def test_disc_waits_for_requests_in_flight(slow) -> None:
+    srv, backend = slow
+    r = await srv.raw()
+    data = random.randbytes(4 * KiB)
+    await r.request(CMD_READ, 1, 0, 4 * KiB)
+    await r.request(CMD_WRITE, 2, 0, len(data), data=data)  # waits too (offset 0)
+    await r.request(CMD_DISC, 3)
+    await poll(lambda: backend.reading == 1 and backend.writing == 1)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    backend.gate.set()
+    rest = await r.until_closed()
+    cookies = {struct.unpack_from(">IIQ", rest, 0)[2]}
+    at = 16 if cookies == {2} else 16 + 4 * KiB
+    cookies.add(struct.unpack_from(">IIQ", rest, at)[2])
+    assert cookies == {1, 2} and len(rest) == 32 + 4 * KiB
+    assert file_bytes(srv.path, 0, len(data)) == data
+
+
+async def test_requests_in_flight_per_connection_are_bounded(slow) -> None:
+    """Past MAX_IN_FLIGHT requests, or IN_FLIGHT_BYTES of them, the server
+    reads no more from the connection; all are answered once they go on."""
+    srv, backend = slow
+    r = await srv.raw()
+    for i in range(100):  # small reads: bounded by the count
+        await r.request(CMD_READ, i, 0, 512)
+    await poll(lambda: backend.reading == 64)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert backend.reading == 64
+    backend.gate.set()
+    with trio.fail_after(20):
+        assert sorted([(await r.reply(512))[0] for _ in range(100)]) == list(range(100))
+    backend.gate = trio.Event()
+    payload = bytes(1 * MiB)
+
+    async def writes() -> None:
+        for i in range(20):
+            await r.request(CMD_WRITE, 100 + i, 0, MiB, 0, payload)
+
+    async with trio.open_nursery() as nursery:  # 1 MiB writes: bounded by the bytes
+        nursery.start_soon(writes)
+        await poll(lambda: backend.writing == 8)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert backend.writing == 8
+        backend.gate.set()
+    with trio.fail_after(20):
+        assert sorted([(await r.reply())[0] for _ in range(20)]) == list(range(100, 120))
+
+
+async def test_a_client_gone_lets_its_requests_finish(slow) -> None:
+    srv, backend = slow
+    async with bystander(srv):
+        backend.gate = trio.Event()  # the bystander's write opened it
+        active = srv.server.stats.active
+        r = await srv.raw()
+        data = random.randbytes(4 * KiB)
+        await r.request(CMD_WRITE, 1, 0, len(data), data=data)
+        await poll(lambda: backend.writing == 1)
+        await r.aclose()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert srv.server.stats.active == active + 1  # still finishing the WRITE
+        backend.gate.set()
+        await poll(lambda: srv.server.stats.active == active)
+    assert file_bytes(srv.path, 0, len(data)) == data
+
+
+# ---------------------------------------------------------------- unix socket paths
+
+
+async def test_serve_unix_takes_over_only_a_stale_socket(tmp_path: Path) -> None:
+    backend = FileBackend.create(str(tmp_path / "d.img"), 1 * MiB)
+    server = NbdServer([Export("", backend)])
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await server.serve_unix(str(victim))
+    assert victim.read_text() == "keep me"
+    live, stale = tmp_path / "live.sock", tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(live))
+        other.listen(1)
+        with pytest.raises(OSError, match="already listens") as e:
+            await server.serve_unix(str(live))
+        assert e.value.errno == errno.EADDRINUSE and live.is_socket()
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(stale))  # closed: a leftover nobody listens on
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_unix, str(stale))
+        async with open_client(f"nbd+unix:///?socket={stale}") as c:
+            await check_client(c, 0)
+        nursery.cancel_scope.cancel()
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("what", ["file", "listening socket"])
+def test_dstfs_serve_unix_refuses_a_file_or_a_live_socket(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "there"
+    other = socket.socket(socket.AF_UNIX)
+    try:
+        if what == "file":
+            path.write_text("keep me")
+        else:
+            other.bind(str(path))
+            other.listen(1)
+        res = subprocess.run(
+            [*DSTFS, "serve", str(tmp_path / "d.img"), "--size", "1M", "--unix", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        says = "exists and is not a socket" if what == "file" else "already listens"
+        assert len(lines) == 1 and lines[0].startswith("dstfs serve: --unix") and says in lines[0]
+        assert path.read_text() == "keep me" if what == "file" else path.is_socket()
+        assert not (tmp_path / "d.img").exists()
+    finally:
+        other.close()

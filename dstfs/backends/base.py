@@ -8,7 +8,7 @@ Rules:
   may not have reached storage, and can be retried on a new connection. Any
   other OSError is the storage's answer to this request.
 - A backend declares what it can do (`read_only`, `can_reconnect`,
-  `can_block_status`) and offers every method of the interface; BackendBase
+  `can_block_status`, `concurrent_requests`) and offers every method of the interface; BackendBase
   gives the plain answers (reads into caller buffers through `pread`, no
   file slices, no reconnect, no block status), so nobody probes with getattr.
 - A filter wraps a backend and passes through everything it does not change,
@@ -75,6 +75,11 @@ class Backend(Protocol):
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
 
+    #: Whether requests gain from being served concurrently (they wait on
+    #: something slow, like a network) rather than one at a time in order;
+    #: the NBD server serves each connection accordingly.
+    concurrent_requests: bool
+
 
 class BackendBase:
     """The plain answers to the optional parts of the interface."""
@@ -82,6 +87,7 @@ class BackendBase:
     read_only = False
     can_reconnect = False
     can_block_status = False
+    concurrent_requests = False
 
     async def pread(self, offset: int, length: int) -> Buffer:
         raise NotImplementedError
@@ -154,6 +160,10 @@ class BackendFilter:
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         return await self.inner.block_status(offset, length)
+
+    @property
+    def concurrent_requests(self) -> bool:
+        return self.inner.concurrent_requests
 
     def file_slice(self, offset: int, length: int) -> FileSlice | None:
         # Reads through a filter pass its methods: no zero-copy shortcut to

@@ -37,6 +37,7 @@ STATUS_OPEN_TIMEOUT = 10.0
 
 class NbdBackend(BackendBase):
     can_reconnect = True
+    concurrent_requests = True  # every request waits on the network
 
     def __init__(
         self, spec: NodeSpec, nursery: trio.Nursery, connections: int = 1, min_size: int = 0

@@ -8,21 +8,38 @@ Rules:
 - The one metadata context is `base:allocation`, offered for a backend that
   can report block status (a file: SEEK_DATA/SEEK_HOLE); NBD_CMD_BLOCK_STATUS
   is answered with one final BLOCK_STATUS chunk covering a prefix of the range.
-- Requests are handled in the order they arrive, one at a time, so a
-  connection buffers at most one request (<= MAX_PAYLOAD) however fast the
-  client sends; FLUSH and FUA writes, which wait on the disk, run as their
-  own tasks so reads and writes behind them go on. Replies may thus leave
-  out of order. On NBD_CMD_DISC every reply still owed is sent before the
-  connection closes.
-- What a READ shows: a WRITE (TRIM, WRITE_ZEROES) is in the file before the
-  next request is handled, and a READ of a file is answered with
-  sendfile(2), which reads the file when the reply is sent. So a READ shows
-  every WRITE that arrived before it on this connection (acknowledged or
-  not) and every WRITE acknowledged on any connection before it arrived;
-  it may also show a WRITE that arrived after it while its reply waited to
-  be sent. Both were in flight together, and the spec lets a server answer
-  overlapping requests in flight in any order; a client that needs the old
-  bytes waits for the READ's reply before it writes.
+- Two ways to serve a connection's requests, chosen by the backend's
+  `concurrent_requests`:
+  - In order (a file: pread/pwrite do not wait on anything worth
+    overlapping): one request at a time, so a connection buffers at most
+    one request (<= MAX_PAYLOAD) however fast the client sends.
+  - Concurrently (the array: every request waits on network nodes): READ,
+    WRITE, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS each run as their own
+    task, at most MAX_IN_FLIGHT per connection holding at most
+    IN_FLIGHT_BYTES of payload and read data (one request of any size when
+    none is in flight); past either the reader stops reading, so memory
+    stays bounded per connection. A payload buffer goes back to the pool
+    when its request's task is done.
+  Either way FLUSH and FUA writes, which wait on the disk, run as their own
+  tasks (at most MAX_DURABLE) so requests behind them go on, and replies
+  may leave out of order. On NBD_CMD_DISC every reply still owed (every
+  request task, not only FLUSH/FUA) is sent before the connection closes;
+  a connection that breaks still lets the requests already started finish
+  (their replies are dropped), so no request is cut off half way.
+- FLUSH (and FUA) covers every write acknowledged before it arrived, on any
+  connection: an acknowledged write has completed at the backend, and the
+  backend's flush covers every completed write. A write still in flight
+  when the FLUSH arrives may or may not be covered (the spec asks no more).
+- What a READ shows: every WRITE (TRIM, WRITE_ZEROES) acknowledged on any
+  connection before the READ arrived. In order, a WRITE is also in the file
+  before the next request is handled, so a READ shows every WRITE that
+  arrived before it on its connection; and a READ of a file is answered
+  with sendfile(2), which reads the file when the reply is sent, so it may
+  also show a WRITE that arrived after it while its reply waited to be
+  sent. Concurrently, a READ may show all, part or none of a WRITE that is
+  in flight with it, whichever arrived first. The spec lets a server answer
+  requests in flight together in any order; a client that needs a given
+  order waits for one reply before it sends the other request.
 - A request the server will not do (past the end: ENOSPC for WRITE, EINVAL
   otherwise; too big; flags not valid for the command; on a read-only
   export; unknown command) gets an NBD error reply; a protocol violation
@@ -37,6 +54,9 @@ Rules:
   context STARTTLS is NBD_REP_ERR_UNSUP.
 - `allow` (networks): a TCP peer outside them is closed before the
   greeting, and logged. Unix socket peers are not filtered.
+- A unix socket server takes its path over only from a stale socket: a
+  file there (EEXIST) or a socket something listens on (EADDRINUSE) is
+  left alone and the server does not start.
 - CAN_MULTI_CONN is advertised: every connection shares one file descriptor,
   so a FLUSH on one covers writes acknowledged on all.
 """
@@ -51,6 +71,7 @@ import math
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -87,6 +108,17 @@ _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 MAX_DURABLE = 16
 #: Seconds a session that got DISC waits for the replies it still owes.
 DISC_GRACE = 60.0
+#: Requests served at once per connection, for a backend that serves
+#: requests concurrently; past it the reader stops reading.
+MAX_IN_FLIGHT = 64
+#: Bytes of WRITE payloads and READ data the requests in flight on one
+#: connection may hold (the reply queue has HIGH_WATER more); one request
+#: of any size is always let in when none is in flight.
+IN_FLIGHT_BYTES = 8 << 20
+#: Commands run as their own task when the backend serves concurrently.
+_CONCURRENT = frozenset(
+    {P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE, P.Cmd.BLOCK_STATUS}
+)
 #: Request flags valid per command (FUA is valid on all, as the spec says;
 #: DF and FAST_ZERO are not advertised, so never valid).
 _FLAGS = {
@@ -231,9 +263,10 @@ class NbdServer:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        check_unix_path(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
-            os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket: check_unix_path said so
         await sock.bind(path)
         sock.listen(128)
         try:
@@ -367,6 +400,24 @@ class NbdServer:
             log.info("%s: client disconnected", io.peer)
 
 
+def check_unix_path(path: str) -> None:
+    """A unix socket server replaces what is at `path`: only ever a stale
+    socket, never a file (EEXIST), nor a socket something still listens on
+    (EADDRINUSE)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # nobody listens: a leftover, safe to replace
+    raise OSError(errno.EADDRINUSE, f"{path}: a server already listens there")
+
+
 def _peer_name(family: int, addr: object) -> str:
     if family in (socket.AF_INET, socket.AF_INET6) and isinstance(addr, tuple):
         return f"{addr[0]}:{addr[1]}"
@@ -377,6 +428,39 @@ class _Disconnect(Exception):
     pass
 
 
+class _InFlight:
+    """The request tasks of one connection: how many, and the bytes they hold."""
+
+    def __init__(self, limit: int, budget: int) -> None:
+        self.limit, self.budget = limit, budget
+        self.count = 0
+        self.bytes = 0
+        self._changed = trio.Event()
+
+    def room(self, cost: int) -> bool:
+        if not self.count:
+            return True  # any single request may run
+        return self.count < self.limit and self.bytes + cost <= self.budget
+
+    async def admit(self, cost: int) -> None:
+        """Wait until a request holding `cost` bytes may start; count it in."""
+        while not self.room(cost):
+            await self._changed.wait()
+        self.count += 1
+        self.bytes += cost
+
+    def done(self, cost: int) -> None:
+        self.count -= 1
+        self.bytes -= cost
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def idle(self) -> None:
+        """Wait until no request task is left."""
+        while self.count:
+            await self._changed.wait()
+
+
 class _Session:
     def __init__(self, server: NbdServer, io: SocketIO) -> None:
         self.server = server
@@ -385,6 +469,7 @@ class _Session:
         self.conn.alloc = server.take_buffer
         self.export: Export | None = None
         self.durable_slots = trio.Semaphore(MAX_DURABLE)
+        self.in_flight = _InFlight(MAX_IN_FLIGHT, IN_FLIGHT_BYTES)
         #: The export SET_META_CONTEXT named, and the base:allocation id it selected.
         self.meta_export: str | None = None
         self.meta_id: int | None = None
@@ -410,18 +495,34 @@ class _Session:
                 if self.handshake.cancelled_caught:
                     self._handshake_expired()
                     raise _Disconnect
-                # The client's DISC: first every reply still owed (FLUSH, FUA).
-                with trio.move_on_after(DISC_GRACE):
-                    for _ in range(MAX_DURABLE):
-                        await self.durable_slots.acquire()
+                # The client's DISC: first every reply still owed.
+                await self._drain()
                 await self.io.flush()
             except _Disconnect:
-                pass
+                await self._drain()
             except (P.ProtocolError, OSError) as e:
                 error = e  # raised outside the nursery, so not wrapped in a group
+                await self._drain()  # requests already started finish
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
+
+    async def _drain(self) -> None:
+        """Wait (up to DISC_GRACE) for every request task: the concurrent
+        ones first, since a FUA write among them starts a durable task."""
+        with trio.move_on_after(DISC_GRACE) as scope:
+            await self.in_flight.idle()
+            for _ in range(MAX_DURABLE):
+                await self.durable_slots.acquire()
+            for _ in range(MAX_DURABLE):
+                self.durable_slots.release()
+        if scope.cancelled_caught:
+            log.warning(
+                "%s: %d requests still unanswered after %g s, closing",
+                self.io.peer,
+                self.in_flight.count,
+                DISC_GRACE,
+            )
 
     def _handshake_expired(self) -> None:
         self.server.stats.handshake_timeouts += 1
@@ -462,16 +563,20 @@ class _Session:
                     await self.io.fill(conn)
                 continue
             if type(ev) is P.Request:
+                started = False
                 try:
                     if self.io.queued > HIGH_WATER:
                         await self.io.wait_room()  # a client that does not read its replies
-                    if not await self._request(ev):
+                    if self._concurrent(ev):
+                        cost = ev.length if ev.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
+                        await self.in_flight.admit(cost)
+                        self.nursery.start_soon(self._request_task, ev, cost)
+                        started = True  # the task gives the payload back
+                    elif not await self._request(ev):
                         return
                 finally:
-                    if type(ev.data) is memoryview:
-                        # A file keeps no reference to what it wrote; others might.
-                        reuse = isinstance(self.export and self.export.backend, FileBackend)
-                        self.server.give_buffer(ev.data, reuse)
+                    if not started:
+                        self._give_payload(ev)
             elif type(ev) is P.Option:
                 await self._option(ev)
             elif type(ev) is P.OptionTooBig:
@@ -482,6 +587,26 @@ class _Session:
                     await self._reply(ev.opt, P.Rep.ERR_TOO_BIG, b"option data too large")
             elif type(ev) is P.ClientFlags:
                 pass
+
+    def _concurrent(self, req: P.Request) -> bool:
+        export = self.export
+        return export is not None and export.backend.concurrent_requests and req.type in _CONCURRENT
+
+    def _give_payload(self, req: P.Request) -> None:
+        if type(req.data) is memoryview:
+            # A file keeps no reference to what it wrote; others might.
+            reuse = isinstance(self.export and self.export.backend, FileBackend)
+            self.server.give_buffer(req.data, reuse)
+
+    async def _request_task(self, req: P.Request, cost: int) -> None:
+        """One request served beside others (see the module's rules)."""
+        try:
+            await self._request(req)
+        except ConnectionLost:
+            pass  # the reader sees the same and ends the session
+        finally:
+            self._give_payload(req)
+            self.in_flight.done(cost)
 
     async def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
         await self.io.send_all(self.conn.option_reply(opt, rep, data))
