@@ -897,7 +897,7 @@ class ClientConnection(_Decoder):
             raise RuntimeError(f"request in phase {self.phase.value}")
         if cmd == Cmd.READ:
             if into is not None:
-                if sum(len(v) for v in into) != length:
+                if (len(into[0]) if len(into) == 1 else sum(len(v) for v in into)) != length:
                     raise ValueError("read buffers do not add up to the length")
                 self._reads[cookie] = into
             else:
@@ -1007,6 +1007,14 @@ class ClientConnection(_Decoder):
             wanted = self._reads.pop(cookie, None)
             if wanted is None or error:
                 return SimpleReply(cookie, error)
+            if type(wanted) is list and len(wanted) == 1:
+                view = wanted[0]
+                end = pos + 16 + len(view)
+                if end <= len(buf):
+                    # The common small read: all of it is here, one copy.
+                    view[:] = memoryview(buf)[pos + 16 : end]
+                    self._pos = end
+                    return SimpleReply(cookie, 0)
             self._reply = (cookie, 0)
             if type(wanted) is int:
                 self._start_payload(wanted)

@@ -9,11 +9,18 @@ we wait; a send that is cut half way marks the socket broken, since the byte
 stream can no longer be trusted.
 
 Rules: one `SocketIO` per connection; there is one reader. Sends are
-serialised by a lock. On the hot path senders do not send themselves: they
-queue with `send_soon()` and one sender task sends whatever was queued in one
-sendmsg per scheduler round, so 32 requests that arrive together cost one
-system call and one wake-up of the peer instead of 32. The queue is bounded
-in bytes: `wait_room()` holds producers while it is over `HIGH_WATER`.
+serialised by a lock. On the hot path, `send_now()` sends from the caller's
+own task when the line is free (nothing queued, no send under way, no burst
+open): a FUSE request, which comes one per scheduler round, then costs no
+hop to another task. That send opens a burst: whatever is sent after it
+before the sender task runs (the rest of the round) is queued, and the
+sender sends it all in one sendmsg, so 32 requests decoded together still
+cost one system call and one wake-up of the peer, not 32. `send_soon()`
+always queues. The queue is bounded in bytes: `wait_room()` holds producers
+while it is over `HIGH_WATER`.
+- A receive that got less than it asked for means the kernel had no more:
+  the next `fill()` waits for readiness before it receives, instead of
+  paying a failed receive (and an exception) to learn the same.
 - Nothing here assumes a raw socket: every byte goes through the
   `Transport`; file slices go with sendfile(2) where the transport can, else
   are read and sent as bytes. `transport` may be replaced while nothing is
@@ -89,6 +96,9 @@ class SocketIO:
         self._room = trio.Event()
         self._room.set()
         self._big_payloads = False
+        self._burst = False
+        #: The last receive in fill() got less than it asked for.
+        self._drained = False
 
     # -- batched sending (the hot path)
 
@@ -104,6 +114,33 @@ class SocketIO:
         if self._sender_parked:
             self._sender_parked = False
             trio.lowlevel.reschedule(self._sender)
+
+    def send_now(self, *bufs: Buffer) -> None:
+        """Send `bufs` from the caller's task when the line is free (see the
+        module's rules), else queue them. What the kernel does not take at
+        once is queued for the sender, ahead of anything queued later, so
+        the order on the wire is kept."""
+        if self._queue or self._send_lock.locked() or self.broken is not None or self._burst:
+            self.send_soon(*bufs)
+            return
+        # Until the sender runs (next round), later sends join one batch.
+        self._burst = True
+        if self._sender_parked:
+            self._sender_parked = False
+            trio.lowlevel.reschedule(self._sender)
+        try:
+            sent = self.transport.send(bufs)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            raise self._fail(f"send failed: {_why(e)}") from None
+        for i, b in enumerate(bufs):
+            n = len(b)
+            if sent < n:
+                rest = [memoryview(b).cast("B")[sent:], *bufs[i + 1 :]]
+                self.send_soon(*rest)
+                return
+            sent -= n
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait (up to `timeout`) until everything queued has been sent."""
@@ -125,6 +162,7 @@ class SocketIO:
         try:
             while True:
                 if not self._queue:
+                    self._burst = False
                     if self.broken is not None:
                         return
                     self._sender_parked = True
@@ -311,6 +349,16 @@ class SocketIO:
         reader that gave up meanwhile has had its buffers taken back.
         ConnectionLost when the peer closed."""
         transport = self.transport
+        if self._drained:
+            # The last receive did not fill its buffer: the kernel had no
+            # more then. Wait for readiness first rather than spend a
+            # receive (and an exception) to learn that again; readiness is
+            # level-triggered, so bytes that came meanwhile are not missed.
+            self._drained = False
+            try:
+                await transport.wait_readable()
+            except trio.ClosedResourceError:
+                raise ConnectionLost(f"{self.peer}: socket closed") from None
         while True:
             pbs = decoder.payload_buffers()
             direct = pbs is not None and sum(len(b) for b in pbs) >= _DIRECT_MIN
@@ -318,13 +366,16 @@ class SocketIO:
                 if direct:
                     assert pbs is not None
                     if len(pbs) == 1:
+                        asked = len(pbs[0])
                         n = transport.recv_into(pbs[0])
                     else:
+                        asked = sum(len(b) for b in pbs)
                         n = transport.recvmsg_into(pbs)
                 else:
                     bounce = _bounce()
                     if self._big_payloads:
                         bounce = bounce[:4096]
+                    asked = len(bounce)
                     n = transport.recv_into(bounce)
             except BlockingIOError:
                 try:
@@ -337,6 +388,7 @@ class SocketIO:
             break
         if not n:
             raise ConnectionLost(f"{self.peer}: closed by the peer")
+        self._drained = n < asked
         if direct:
             decoder.payload_received(n)
             self._big_payloads = True
