@@ -12,6 +12,11 @@ Rules (md raid1 and DRBD are the models):
   connection, is suspended or failed leaves the in-sync set at once (it is
   not waited for: its node does not `hold`), and the regions it missed are
   marked in its bitmap, durably, before the write is acknowledged.
+- Writes that overlap go to the replicas one after another: a write waits
+  for every overlapping write in flight before it is sent, so each replica
+  applies them in the same order (two in flight together could otherwise
+  land in opposite orders on two replicas: replicas that differ with
+  nothing marked). Writes that do not overlap still run side by side.
 - The last in-sync replica never leaves the set: with no in-sync replica
   reachable, I/O waits for one (suspended or reconnecting) like a linear
   node's, and gets EIO once every in-sync replica is failed. Never a stale read.
@@ -124,6 +129,8 @@ class ReplicaSet:
         self.active: RegionBitmap | None = None
         self._active_count: dict[int, int] = {}
         self._active_last: dict[int, float] = {}
+        #: Writes in flight by region: (start, end, done) of each.
+        self._writing: dict[int, list[tuple[int, int, trio.Event]]] = {}
         self._changed = trio.Event()
         self._started = False
         self.sync_action = "idle"
@@ -456,13 +463,19 @@ class ReplicaSet:
     ) -> None:
         """A change to [offset, offset+length), `op` on every reachable replica."""
         regions = self.alg.region_range(offset, length)
-        await self.lock.enter(regions)
+        entry = await self._order(offset, offset + length, regions)
+        try:
+            await self.lock.enter(regions)
+        except BaseException:
+            self._ordered(entry, regions)
+            raise
         for r in regions:
             self._active_count[r] = self._active_count.get(r, 0) + 1
         try:
             while not await self._update_once(offset, length, op, regions):
                 pass  # the last in-sync replica went away under it: wait, resend
         finally:
+            self._ordered(entry, regions)
             now = time.monotonic()
             for r in regions:
                 n = self._active_count[r] - 1
@@ -472,6 +485,36 @@ class ReplicaSet:
                     del self._active_count[r]
                 self._active_last[r] = now
             self.lock.leave(regions)
+
+    async def _order(self, start: int, end: int, regions: range) -> tuple[int, int, trio.Event]:
+        """Wait until no write in flight overlaps [start, end), then count
+        this one in (see the module's rules)."""
+        writing = self._writing
+        while True:
+            busy = None
+            for r in regions:
+                for s, e, done in writing.get(r, ()):
+                    if s < end and start < e:
+                        busy = done
+                        break
+                if busy is not None:
+                    break
+            if busy is None:
+                break
+            await busy.wait()
+        entry = (start, end, trio.Event())
+        for r in regions:
+            writing.setdefault(r, []).append(entry)
+        return entry
+
+    def _ordered(self, entry: tuple[int, int, trio.Event], regions: range) -> None:
+        """A write is done: overlapping writes waiting on it may go."""
+        for r in regions:
+            inflight = self._writing[r]
+            inflight.remove(entry)
+            if not inflight:
+                del self._writing[r]
+        entry[2].set()
 
     async def _update_once(
         self, offset: int, length: int, op: Callable[[Node], Awaitable[None]], regions: range

@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from dstfs import state
 from dstfs.array import Array, ArrayError
@@ -478,3 +479,41 @@ async def test_write_zeroes_reaches_every_replica(
     with pytest.raises(OSError) as e:
         await array.write_zeroes(SIZE - 10, 20)
     assert e.value.errno == errno.EINVAL
+
+
+async def test_overlapping_writes_in_flight_reach_every_replica_in_one_order(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    """Two overlapping writes in flight together: replica b is slow with the
+    first. Were the second sent at once, a would end with the second's bytes
+    and b with the first's (replicas that differ, nothing marked dirty)."""
+    array = await mount(nursery, replicas, tmp_path, ["a", "b"])
+    await settle(array)
+    b = replicas["b"]
+    gate = trio.Event()
+    plain = b.pwrite
+    first = True
+
+    async def slow_first(offset: int, data: bytes, fua: bool = False) -> None:
+        nonlocal first
+        if first:
+            first = False
+            await gate.wait()
+        await plain(offset, data, fua)
+
+    b.pwrite = slow_first
+    async with trio.open_nursery() as writers:
+        writers.start_soon(array.write, 0, b"1" * 8192)
+        await trio.testing.wait_all_tasks_blocked()
+        writers.start_soon(array.write, 4096, b"2" * 8192)  # overlaps the first
+        writers.start_soon(array.write, 65536 + 4096, b"3" * 4096)  # does not
+        # The write that overlaps nothing is not held up by the slow one
+        # (its region's first write marks the active bitmap, in a thread).
+        with trio.fail_after(10):
+            while b.data[65536 + 4096 : 65536 + 8192] != b"3" * 4096:
+                await trio.sleep(0.01)
+        assert replicas["a"].data[65536 + 4096 : 65536 + 8192] == b"3" * 4096
+        assert not gate.is_set()
+        gate.set()
+    assert replicas["a"].data[: 3 * 4096] == b.data[: 3 * 4096]
+    assert bytes(b.data[: 3 * 4096]) == b"1" * 4096 + b"2" * 8192
