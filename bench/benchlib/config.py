@@ -164,7 +164,7 @@ class Config:
     copy_size: int
     chunk: int | None
     rows: list[RowSpec]
-    extras: bool
+    extras: tuple[str, ...]  # the groups of extra measurements (benchlib.extras.EXTRA_GROUPS)
     dstfs: str | None
     workdir: Path
 

@@ -16,7 +16,7 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,23 @@ def copy_measures() -> list[Measure]:
     return ms
 
 
-def new_measures() -> dict[str, Measure]:
+#: The groups of extra measurements, for ``bench/run --extras``, in the order they run.
+EXTRA_GROUPS = ("nbd-copy", "copy", "migration", "mirror-sync", "mirror-rss")
+
+
+def group_of(key: str) -> str:
+    """The group (EXTRA_GROUPS) a measurement key belongs to."""
+    if key.startswith("copy-"):
+        return "nbd-copy" if key.endswith("-nbd") else "copy"
+    if key.startswith(("mig-", "fg-")):
+        return "migration"
+    if key.startswith(("msync-", "mfg-")):
+        return "mirror-sync"
+    return "mirror-rss"
+
+
+def new_measures(groups: Collection[str] = EXTRA_GROUPS) -> dict[str, Measure]:
+    """The measurements of ``groups``, in table order."""
     ms = [
         *copy_measures(),
         Measure("mig-idle", "migration copy, idle"),
@@ -107,7 +123,7 @@ def new_measures() -> dict[str, Measure]:
         Measure("mfg-sync", "mirror foreground seq read, during sync", ratio_to="mfg-base"),
         Measure("mirror-rss", "mirror 64G sparse: daemon peak RSS", unit="MiB"),
     ]
-    return {m.key: m for m in ms}
+    return {m.key: m for m in ms if group_of(m.key) in groups}
 
 
 def fill_random(path: Path, size: int) -> None:
@@ -213,6 +229,8 @@ def run_nbd_row_copies(env: Env, rows: list[Row], ms: dict[str, Measure]) -> Non
     CPU is the daemon's and its node's together for the export. Rows left out by ``--rows``
     leave their measurements out of the table."""
     cfg = env.cfg
+    if not any(group_of(k) == "nbd-copy" for k in ms):
+        return
     kinds = {"export": "export", "nbdkit-nbd": "memory"}
     present = {r.spec.key: r for r in rows}
     servers: dict[str, CopyServer] = {}
@@ -487,13 +505,16 @@ def run_sparse_mirror_rss(env: Env, ms: dict[str, Measure]) -> None:
 
 
 def run_extras(env: Env, ms: dict[str, Measure]) -> None:
-    try:
-        run_copy(env, ms)
-    except Exception as e:
-        for key in ms:
-            if key.startswith("copy-") and not key.endswith("-nbd"):
-                ms[key].fail(e)
-    for rep in range(env.cfg.repeat):
+    """The extras after the rows, those of groups that have measurements in ``ms``."""
+    groups = {group_of(k) for k in ms}
+    if "copy" in groups:
+        try:
+            run_copy(env, ms)
+        except Exception as e:
+            for key in ms:
+                if group_of(key) == "copy":
+                    ms[key].fail(e)
+    for rep in range(env.cfg.repeat if "migration" in groups else 0):
         for loaded in (False, True):
             try:
                 run_migration(env, ms, rep, loaded)
@@ -501,7 +522,7 @@ def run_extras(env: Env, ms: dict[str, Measure]) -> None:
                 keys = ("mig-load", "fg-mig") if loaded else ("mig-idle",)
                 for key in keys:
                     ms[key].fail(e)
-    for rep in range(env.cfg.repeat):
+    for rep in range(env.cfg.repeat if "mirror-sync" in groups else 0):
         for loaded in (False, True):
             try:
                 run_mirror_sync(env, ms, rep, loaded)
@@ -509,7 +530,8 @@ def run_extras(env: Env, ms: dict[str, Measure]) -> None:
                 keys = ("msync-load", "mfg-sync") if loaded else ("msync-idle",)
                 for key in keys:
                     ms[key].fail(e)
-    try:
-        run_sparse_mirror_rss(env, ms)
-    except Exception as e:
-        ms["mirror-rss"].fail(e)
+    if "mirror-rss" in groups:
+        try:
+            run_sparse_mirror_rss(env, ms)
+        except Exception as e:
+            ms["mirror-rss"].fail(e)
