@@ -32,17 +32,27 @@ ROW_NAMES = (
     "nbdfuse/nbdkit",
     "pyfuse3 no-op",
     "loop/tmpfs",
+    "dstfs export, linear/nbdkit",
+    "nbdkit memory directly",
 )
 EXTRA_TITLES = (
     "nbdcopy read, dstfs serve",
     "nbdcopy read, nbdkit file",
+    "nbdcopy read, dstfs serve, TLS",
+    "nbdcopy write, dstfs serve, TLS",
+    "nbdcopy read, nbdkit file, TLS",
+    "nbdcopy write, nbdkit file, TLS",
+    "nbdcopy read, dstfs export",
+    "nbdcopy write, dstfs export",
+    "nbdcopy read, nbdkit memory",
+    "nbdcopy write, nbdkit memory",
     "migration copy, idle",
     "foreground seq read, during migration",
     "mirror full sync (data), idle",
     "mirror foreground seq read, during sync",
     "mirror 64G sparse: daemon peak RSS",
 )
-TOOLS = ("fio", "nbdkit", "nbdfuse", "nbdcopy", "nbdinfo", "losetup", "fusermount3")
+TOOLS = ("fio", "nbdkit", "nbdfuse", "nbdcopy", "nbdinfo", "losetup", "fusermount3", "openssl")
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,7 +1,8 @@
 """bench/benchlib/report.py with fixed inputs: the tables bench/run prints
-(medians, min-max spreads, ratios to the nbdfuse row, CPU µs per request of
-the daemon and the nodes, error cells, the daemon's RSS) and the JSON it
-writes, down to the character."""
+(medians, min-max spreads, ratios to the nbdfuse row or for the NBD rows to
+nbdkit directly, CPU µs per request of the daemon and the nodes or of
+nbdcopy's servers, error cells, the daemon's RSS) and the JSON it writes,
+down to the character."""
 
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ def test_rows_json_ratios_and_errors() -> None:
     out = {r["key"]: r for r in rows_json(rows())}
     lin = out["linear-nbdkit"]["jobs"]
     assert lin["seqwrite"]["median"] == 100
-    assert lin["seqwrite"]["ratio_to_nbdfuse"] == pytest.approx(0.5)
-    assert lin["randread"]["ratio_to_nbdfuse"] == pytest.approx(1.5)
+    assert lin["seqwrite"]["ratio"] == pytest.approx(0.5)
+    assert lin["seqwrite"]["ratio_to"] == "nbdfuse"
+    assert lin["randread"]["ratio"] == pytest.approx(1.5)
     assert lin["randread"]["errors"] == ["fio randread rc=1: boom"]
     assert out["linear-nbdkit"]["daemon_peak_rss_mib"] == 61.4
     assert lin["seqwrite"]["cpu_us_per_request"] == {
@@ -131,32 +133,89 @@ def test_rows_json_ratios_and_errors() -> None:
     }
     assert lin["seqread"]["cpu_us_per_request"]["daemon"]["median"] is None
     assert out["stripe-nbdkit"]["error"] == "nbdkit exited rc=1: cannot bind"
-    assert out["stripe-nbdkit"]["jobs"]["seqread"]["ratio_to_nbdfuse"] is None
-    assert out["nbdfuse"]["jobs"]["seqread"]["ratio_to_nbdfuse"] == 1.0
+    assert out["stripe-nbdkit"]["jobs"]["seqread"]["ratio"] is None
+    assert out["nbdfuse"]["jobs"]["seqread"]["ratio"] == 1.0
+
+
+def nbd_rows() -> list[Row]:
+    direct = row(
+        "nbdkit-nbd",
+        {"seqwrite": [1000], "seqread": [2000], "randwrite": [40000], "randread": [60000]},
+        cpu={"randread": [(None, 14.2)]},
+    )
+    export = row(
+        "export",
+        {"seqwrite": [250], "seqread": [1000], "randwrite": [4000], "randread": [3000]},
+        cpu={"randread": [(230.0, 45.0)]},
+        peak_rss_mib={"dstfs-export": 40.2},
+    )
+    export.daemon = type("P", (), {"name": "dstfs-export"})()
+    return [export, direct]
+
+
+def test_nbd_rows_get_their_own_table_and_anchor() -> None:
+    """The NBD rows (fio's nbd engine) are compared with nbdkit directly, not nbdfuse."""
+    lines = main_tables([rows()[-1], *nbd_rows()]).splitlines()
+    assert lines[2].startswith("nbdfuse/nbdkit") and lines[3] == ""
+    assert lines[4].split()[:4] == ["NBD", "row", "(fio", "nbd"]
+    assert lines[6].startswith("dstfs export, linear/nbdkit ")
+    export = " ".join(lines[6].split()[3:])
+    assert export == "250 0.25x -/- 1000 0.50x -/- 4000 0.10x -/- 3000 0.05x 230/45 40"
+    assert lines[7].split()[3:7] == ["1000", "1.00x", "-/-", "2000"]
+    assert lines[9].startswith("spread (min-max)")
+    assert [ln.split("  ")[0] for ln in lines[11:]] == [
+        "nbdfuse/nbdkit",
+        "dstfs export, linear/nbdkit",
+        "nbdkit memory directly",
+    ]
+    out = {r["key"]: r for r in rows_json([rows()[-1], *nbd_rows()])}
+    assert out["export"]["jobs"]["randread"]["ratio_to"] == "nbdkit-nbd"
+    assert out["export"]["jobs"]["randread"]["ratio"] == pytest.approx(0.05)
 
 
 def extras() -> dict[str, Measure]:
+    tls = Measure("tls", "nbdcopy read, dstfs serve, TLS", ratio_to="tls-ref")
+    tls.add(150.0, 500.0)
+    tls.add(210.0, 300.0)
+    ref = Measure("tls-ref", "nbdcopy read, nbdkit file, TLS")
+    ref.add(200.0, 400.0)
     ms = [
+        tls,
+        ref,
         Measure("mig-idle", "migration copy, idle", samples=[200.0, 100.0, 300.0]),
-        Measure("mig-load", "migration copy, under load", ratio_to="mig-idle", samples=[50.0]),
+        Measure(
+            "mig-load",
+            "migration copy, under load",
+            ratio_to="mig-idle",
+            samples=[50.0],
+            errors=["one run failed"],
+        ),
         Measure("copy", "nbdcopy read", errors=["nbdcopy rc=1: refused"]),
         Measure("rss", "mirror 64G sparse: daemon peak RSS", unit="MiB", samples=[93.4]),
     ]
-    ms[1].errors.append("one run failed")
     return {m.key: m for m in ms}
 
 
 def test_extras_table_and_json() -> None:
     ms = extras()
     assert extras_table(ms).splitlines() == [
-        "measurement                           MB/s  min-max  n  ratio  ratio to",
-        "----------------------------------  ------  -------  -  -----  --------------------",
+        "measurement                           MB/s  min-max  n  µs/req  ratio  ratio to",
+        "----------------------------------  ------  -------  -  ------  -----"
+        "  ------------------------------",
+        "nbdcopy read, dstfs serve, TLS         180  150-210  2     400  0.90x"
+        "  nbdcopy read, nbdkit file, TLS",
+        "nbdcopy read, nbdkit file, TLS         200  200-200  1     400",
         "migration copy, idle                   200  100-300  3",
-        "migration copy, under load             50*    50-50  1  0.25x  migration copy, idle",
+        "migration copy, under load             50*    50-50  1          0.25x"
+        "  migration copy, idle",
         "nbdcopy read                        error: nbdcopy rc=1: refused",
         "mirror 64G sparse: daemon peak RSS  93 MiB    93-93  1",
     ]
     out = extras_json(ms)
+    assert out["tls"]["ratio"] == pytest.approx(0.9)
+    assert out["tls"]["cpu_us_per_request"] == {"median": 400.0, "min": 300.0, "max": 500.0}
+    assert out["tls"]["samples"][0] == {"value": 150.0, "cpu_us_per_request": 500.0}
+    assert out["mig-idle"]["cpu_us_per_request"] is None
     assert out["mig-load"]["ratio"] == pytest.approx(0.25)
     assert out["mig-idle"]["ratio"] is None
     assert out["copy"]["median"] is None and out["copy"]["errors"] == ["nbdcopy rc=1: refused"]

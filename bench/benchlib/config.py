@@ -89,6 +89,16 @@ class RowSpec:
     def dstfs(self) -> bool:
         return self.key in DSTFS_ROWS
 
+    @property
+    def nbd(self) -> bool:
+        """fio speaks NBD to the row (``--ioengine=nbd``): no loop device, no FUSE."""
+        return self.key in NBD_ROWS
+
+    @property
+    def anchor(self) -> str:
+        """The row every ratio of this row is to."""
+        return NBD_ANCHOR if self.nbd else ANCHOR
+
 
 DSTFS_ROWS = (
     "linear-nbdkit",
@@ -98,7 +108,13 @@ DSTFS_ROWS = (
     "stripe-slow",
     "mirror-slow",
     "one-slow",
+    "export",
 )
+
+
+#: Rows that fio reaches with its nbd engine, over a unix socket (issue 16): the
+#: array through ``dstfs mount --no-fuse --export`` against its node directly.
+NBD_ROWS = ("export", "nbdkit-nbd")
 
 
 #: Mirror rows: a mirror of two slow nodes against one slow node (issue 13: reads
@@ -126,10 +142,15 @@ ROW_SPECS = (
     RowSpec("nbdfuse", "nbdfuse/nbdkit"),
     RowSpec("noop", "pyfuse3 no-op"),
     RowSpec("tmpfs", "loop/tmpfs"),
+    RowSpec("export", "dstfs export, linear/nbdkit"),
+    RowSpec("nbdkit-nbd", "nbdkit memory directly"),
 )
 
 
 ANCHOR = "nbdfuse"
+
+
+NBD_ANCHOR = "nbdkit-nbd"
 
 
 @dataclass
@@ -143,7 +164,7 @@ class Config:
     copy_size: int
     chunk: int | None
     rows: list[RowSpec]
-    extras: bool
+    extras: tuple[str, ...]  # the groups of extra measurements (benchlib.extras.EXTRA_GROUPS)
     dstfs: str | None
     workdir: Path
 
@@ -168,7 +189,9 @@ class Config:
     def tmpfs_bytes(self) -> int:
         need = self.disk_size + 2 * self.node_size
         if self.extras:
-            need += 3 * self.copy_size
+            # nbdcopy: the two servers' files and the source (plain and TLS servers
+            # share them), and the source copied into the NBD rows.
+            need += 3 * self.copy_size + self.disk_size
         return need + 256 * MiB
 
 

@@ -1,8 +1,11 @@
-"""Extra measurements, with the rows torn down: nbdcopy against `dstfs serve`
-and `nbdkit file`; a live migration's copy rate and a mirror replica's full
-sync rate (a replica replaced by a fresh node), each idle and under a
-foreground seq-read load (with that load's throughput during the copy); and
-the daemon's peak RSS over a 64 GiB sparse mirror under a fio job."""
+"""Extra measurements. While the rows are up: nbdcopy through the NBD rows (the
+array's export, nbdkit memory directly). With the rows torn down: nbdcopy
+against `dstfs serve` and `nbdkit file`, without and with TLS; a live
+migration's copy rate and a mirror replica's full sync rate (a replica
+replaced by a fresh node), each idle and under a foreground seq-read load
+(with that load's throughput during the copy); and the daemon's peak RSS over
+a 64 GiB sparse mirror under a fio job. nbdcopy samples carry the servers' CPU
+µs per request."""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import certs
 from .config import (
     FG_JOB,
     FILL_JOB,
@@ -30,7 +34,8 @@ from .config import (
     describe,
 )
 from .fio import fio_argv, fio_figures, run_fio
-from .processes import Env, Proc, run_cmd, safe, vm_hwm_mib
+from .processes import Env, Proc, cpu_seconds, run_cmd, safe, vm_hwm_mib
+from .rows import Row
 
 log = logging.getLogger("bench")
 
@@ -44,10 +49,13 @@ class Measure:
     samples: list[float] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # the servers' CPU µs per request
 
-    def add(self, value: float, **detail: Any) -> None:
+    def add(self, value: float, cpu_us: float | None = None, **detail: Any) -> None:
         self.samples.append(value)
-        self.details.append({"value": value, **detail})
+        if cpu_us is not None:
+            self.cpu.append(cpu_us)
+        self.details.append({"value": value, "cpu_us_per_request": cpu_us, **detail})
 
     def fail(self, err: BaseException | str) -> None:
         text = err if isinstance(err, str) else describe(err)
@@ -55,12 +63,56 @@ class Measure:
         log.error("%s: %s", self.title, text)
 
 
-def new_measures() -> dict[str, Measure]:
+#: nbdcopy's requests: its default, given explicitly so that CPU per request is exact
+#: (a copy of N bytes of data is N / COPY_REQUEST requests).
+COPY_REQUEST = 256 * KiB
+
+
+#: The nbdcopy pairs: (key prefix, the server measured, the reference), each read and write;
+#: "serve"/"nbdkit" are ``dstfs serve`` and ``nbdkit file`` on the same tmpfs file, plain
+#: and (``-tls``) with TLS required; "export"/"memory" are the NBD rows of the main table.
+COPY_PAIRS = (
+    ("copy-{}", ("serve", "dstfs serve"), ("nbdkit", "nbdkit file")),
+    ("copy-{}-tls", ("serve", "dstfs serve, TLS"), ("nbdkit", "nbdkit file, TLS")),
+    ("copy-{}-nbd", ("export", "dstfs export"), ("memory", "nbdkit memory")),
+)
+
+
+def copy_measures() -> list[Measure]:
+    ms = []
+    for prefix, (kind, title), (ref_kind, ref_title) in COPY_PAIRS:
+        for direction in ("read", "write"):
+            ref = prefix.format(f"{direction}-{ref_kind}")
+            ms.append(
+                Measure(
+                    prefix.format(f"{direction}-{kind}"),
+                    f"nbdcopy {direction}, {title}",
+                    ratio_to=ref,
+                )
+            )
+            ms.append(Measure(ref, f"nbdcopy {direction}, {ref_title}"))
+    return ms
+
+
+#: The groups of extra measurements, for ``bench/run --extras``, in the order they run.
+EXTRA_GROUPS = ("nbd-copy", "copy", "migration", "mirror-sync", "mirror-rss")
+
+
+def group_of(key: str) -> str:
+    """The group (EXTRA_GROUPS) a measurement key belongs to."""
+    if key.startswith("copy-"):
+        return "nbd-copy" if key.endswith("-nbd") else "copy"
+    if key.startswith(("mig-", "fg-")):
+        return "migration"
+    if key.startswith(("msync-", "mfg-")):
+        return "mirror-sync"
+    return "mirror-rss"
+
+
+def new_measures(groups: Collection[str] = EXTRA_GROUPS) -> dict[str, Measure]:
+    """The measurements of ``groups``, in table order."""
     ms = [
-        Measure("copy-read-serve", "nbdcopy read, dstfs serve", ratio_to="copy-read-nbdkit"),
-        Measure("copy-read-nbdkit", "nbdcopy read, nbdkit file"),
-        Measure("copy-write-serve", "nbdcopy write, dstfs serve", ratio_to="copy-write-nbdkit"),
-        Measure("copy-write-nbdkit", "nbdcopy write, nbdkit file"),
+        *copy_measures(),
         Measure("mig-idle", "migration copy, idle"),
         Measure("mig-load", "migration copy, under seq-read load", ratio_to="mig-idle"),
         Measure("fg-base", "foreground seq read, no migration"),
@@ -71,7 +123,7 @@ def new_measures() -> dict[str, Measure]:
         Measure("mfg-sync", "mirror foreground seq read, during sync", ratio_to="mfg-base"),
         Measure("mirror-rss", "mirror 64G sparse: daemon peak RSS", unit="MiB"),
     ]
-    return {m.key: m for m in ms}
+    return {m.key: m for m in ms if group_of(m.key) in groups}
 
 
 def fill_random(path: Path, size: int) -> None:
@@ -81,46 +133,132 @@ def fill_random(path: Path, size: int) -> None:
             f.write(block)
 
 
+@dataclass
+class CopyServer:
+    """One side of an nbdcopy pair: the URI, and the processes whose CPU counts."""
+
+    uri: str
+    procs: list[Proc]
+
+    def cpu(self) -> float | None:
+        times = [cpu_seconds(p.pid) for p in self.procs]
+        return None if None in times else sum(t or 0.0 for t in times)
+
+
+def time_copies(
+    env: Env,
+    ms: dict[str, Measure],
+    servers: dict[str, CopyServer],
+    src: Path,
+    size: int,
+    rep: int,
+) -> None:
+    """One round of nbdcopy over ``servers`` (measure key -> server, two per pair): write
+    ``src`` to each (first, so that a read finds data), then read each to ``null:``;
+    the order within a direction flips every round, so drift hits every server alike."""
+    for direction in ("write", "read"):
+        keys = [k for k in servers if f"-{direction}-" in k]
+        for key in keys if rep % 2 == 0 else reversed(keys):
+            server, m = servers[key], ms[key]
+            argv = ["nbdcopy", f"--request-size={COPY_REQUEST}"]
+            argv += [server.uri, "null:"] if direction == "read" else [str(src), server.uri]
+            cpu0, t0 = server.cpu(), time.monotonic()
+            try:
+                run_cmd(argv, timeout=size / 2e6 + env.cfg.slack)
+            except BenchError as e:
+                m.fail(e)
+                continue
+            elapsed, cpu1 = time.monotonic() - t0, server.cpu()
+            cpu_us = None
+            if cpu0 is not None and cpu1 is not None:
+                cpu_us = (cpu1 - cpu0) / (size / COPY_REQUEST) * 1e6
+            m.add(size / elapsed / 1e6, cpu_us, seconds=elapsed, argv=argv)
+            log.info(
+                "%-40s #%d %8.0f MB/s, servers' CPU us/request %s",
+                m.title,
+                rep + 1,
+                m.samples[-1],
+                "-" if cpu_us is None else f"{cpu_us:.0f}",
+            )
+
+
 def run_copy(env: Env, ms: dict[str, Measure]) -> None:
-    """nbdcopy to ``null:`` and from a tmpfs file, against dstfs serve and nbdkit file."""
+    """nbdcopy to ``null:`` and from a tmpfs file, against dstfs serve and nbdkit file on the
+    same kind of file, without and with TLS (certificates made now with openssl)."""
     cfg = env.cfg
     with contextlib.ExitStack() as st:
+        pki = cfg.workdir / "pki"
+        try:
+            certs.make_pki(pki, "dstfs bench CA", client=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            for m in ms.values():
+                if m.key.startswith("copy-") and m.key.endswith("-tls"):
+                    m.fail(f"cannot make certificates with openssl: {e}")
+            pki = None  # the plain copies still run
         src = cfg.tmpfs / "copy-src.img"
-        servers: dict[str, str] = {}
-        for kind in ("nbdkit", "serve"):
+        servers: dict[str, CopyServer] = {}
+        for kind in ("serve", "nbdkit"):
             path = cfg.tmpfs / f"copy-{kind}.img"
             st.callback(safe(f"remove {path}", path.unlink, True))
             fill_random(path, cfg.copy_size)
-            try:
-                if kind == "serve":
-                    uri, _ = env.dstfs_serve(st, "copy-serve", path, None)
-                else:
-                    uri, _ = env.nbdkit_file(st, "copy-nbdkit", path)
-                servers[kind] = uri
-            except BenchError as e:
-                ms[f"copy-read-{kind}"].fail(e)
-                ms[f"copy-write-{kind}"].fail(e)
+            # The TLS server serves the same file as the plain one, one copy at a time.
+            for suffix, tls in (("", None), ("-tls", pki)):
+                if suffix and tls is None:
+                    continue
+                name = f"copy-{kind}{suffix}"
+                try:
+                    if kind == "serve":
+                        uri, p = env.dstfs_serve(st, name, path, None, tls=tls)
+                    else:
+                        uri, p = env.nbdkit_file(st, name, path, tls=tls)
+                except BenchError as e:
+                    for direction in ("read", "write"):
+                        ms[f"copy-{direction}-{kind}{suffix}"].fail(e)
+                    continue
+                for direction in ("read", "write"):
+                    servers[f"copy-{direction}-{kind}{suffix}"] = CopyServer(uri, [p])
         st.callback(safe(f"remove {src}", src.unlink, True))
         fill_random(src, cfg.copy_size)
         for rep in range(cfg.repeat):
-            for direction in ("read", "write"):
-                for kind in ("serve", "nbdkit") if rep % 2 == 0 else ("nbdkit", "serve"):
-                    if kind not in servers:
-                        continue
-                    uri = servers[kind]
-                    argv = ["nbdcopy", uri, "null:"] if direction == "read" else ["nbdcopy"]
-                    if direction == "write":
-                        argv += [str(src), uri]
-                    m = ms[f"copy-{direction}-{kind}"]
-                    t0 = time.monotonic()
-                    try:
-                        run_cmd(argv, timeout=cfg.copy_size / 2e6 + cfg.slack)
-                    except BenchError as e:
-                        m.fail(e)
-                        continue
-                    elapsed = time.monotonic() - t0
-                    m.add(cfg.copy_size / elapsed / 1e6, seconds=elapsed, argv=argv)
-                    log.info("%-40s #%d %8.0f MB/s", m.title, rep + 1, m.samples[-1])
+            time_copies(env, ms, servers, src, cfg.copy_size, rep)
+
+
+def run_nbd_row_copies(env: Env, rows: list[Row], ms: dict[str, Measure]) -> None:
+    """nbdcopy through the NBD rows (the array's export, nbdkit memory directly) while they
+    are up: the whole disk written from a tmpfs file, then read to ``null:``. The servers'
+    CPU is the daemon's and its node's together for the export. Rows left out by ``--rows``
+    leave their measurements out of the table."""
+    cfg = env.cfg
+    if not any(group_of(k) == "nbd-copy" for k in ms):
+        return
+    kinds = {"export": "export", "nbdkit-nbd": "memory"}
+    present = {r.spec.key: r for r in rows}
+    servers: dict[str, CopyServer] = {}
+    for key, kind in kinds.items():
+        row = present.get(key)
+        for direction in ("read", "write"):
+            mkey = f"copy-{direction}-{kind}-nbd"
+            if row is None:
+                ms.pop(mkey)
+            elif row.error or row.uri is None:
+                ms[mkey].fail(f"{row.spec.name}: {row.error or 'not set up'}")
+            else:
+                servers[mkey] = CopyServer(row.uri, row.procs)
+    if not servers:
+        return
+    src = cfg.tmpfs / "nbd-copy-src.img"
+    try:
+        fill_random(src, cfg.disk_size)
+        for rep in range(cfg.repeat):
+            for key in kinds:
+                if key in present:
+                    present[key].check_alive()
+            time_copies(env, ms, servers, src, cfg.disk_size, rep)
+    except Exception as e:
+        for mkey in servers:
+            ms[mkey].fail(e)
+    finally:
+        src.unlink(missing_ok=True)
 
 
 def read_ctl(path: Path) -> str:
@@ -367,12 +505,16 @@ def run_sparse_mirror_rss(env: Env, ms: dict[str, Measure]) -> None:
 
 
 def run_extras(env: Env, ms: dict[str, Measure]) -> None:
-    try:
-        run_copy(env, ms)
-    except Exception as e:
-        for key in ("copy-read-serve", "copy-read-nbdkit", "copy-write-serve", "copy-write-nbdkit"):
-            ms[key].fail(e)
-    for rep in range(env.cfg.repeat):
+    """The extras after the rows, those of groups that have measurements in ``ms``."""
+    groups = {group_of(k) for k in ms}
+    if "copy" in groups:
+        try:
+            run_copy(env, ms)
+        except Exception as e:
+            for key in ms:
+                if group_of(key) == "copy":
+                    ms[key].fail(e)
+    for rep in range(env.cfg.repeat if "migration" in groups else 0):
         for loaded in (False, True):
             try:
                 run_migration(env, ms, rep, loaded)
@@ -380,7 +522,7 @@ def run_extras(env: Env, ms: dict[str, Measure]) -> None:
                 keys = ("mig-load", "fg-mig") if loaded else ("mig-idle",)
                 for key in keys:
                     ms[key].fail(e)
-    for rep in range(env.cfg.repeat):
+    for rep in range(env.cfg.repeat if "mirror-sync" in groups else 0):
         for loaded in (False, True):
             try:
                 run_mirror_sync(env, ms, rep, loaded)
@@ -388,7 +530,8 @@ def run_extras(env: Env, ms: dict[str, Measure]) -> None:
                 keys = ("msync-load", "mfg-sync") if loaded else ("msync-idle",)
                 for key in keys:
                     ms[key].fail(e)
-    try:
-        run_sparse_mirror_rss(env, ms)
-    except Exception as e:
-        ms["mirror-rss"].fail(e)
+    if "mirror-rss" in groups:
+        try:
+            run_sparse_mirror_rss(env, ms)
+        except Exception as e:
+            ms["mirror-rss"].fail(e)

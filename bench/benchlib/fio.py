@@ -15,20 +15,29 @@ from .processes import one_line, run_proc
 log = logging.getLogger("bench")
 
 
+def is_uri(target: str) -> bool:
+    """An NBD URI (fio's nbd engine) rather than a block device or file (libaio)."""
+    return "://" in target
+
+
 def fio_argv(
-    dev: str,
+    target: str,
     job: Job,
     out: Path,
     runtime: float | None,
     size: int | None = None,
     ramp: float = 0.0,
 ) -> list[str]:
+    """fio on a block device (libaio, O_DIRECT) or an NBD URI (fio's nbd engine, one
+    connection: libnbd's async API keeps ``iodepth`` requests in flight on it)."""
+    if is_uri(target):
+        engine = ["--ioengine=nbd", f"--uri={target}"]
+    else:
+        engine = [f"--filename={target}", "--ioengine=libaio", "--direct=1"]
     argv = [
         "fio",
         f"--name={job.key}",
-        f"--filename={dev}",
-        "--ioengine=libaio",
-        "--direct=1",
+        *engine,
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
@@ -48,12 +57,18 @@ def fio_argv(
 
 
 def run_fio(
-    cfg: Config, dev: str, job: Job, runtime: float | None, size: int | None = None, ramp: float = 0
+    cfg: Config,
+    target: str,
+    job: Job,
+    runtime: float | None,
+    size: int | None = None,
+    ramp: float = 0,
 ) -> dict[str, Any]:
-    """Run one fio job to completion and return its figures (``value`` in ``job.unit``)."""
+    """Run one fio job on a device or NBD URI to completion and return its figures
+    (``value`` in ``job.unit``)."""
     out = cfg.workdir / "fio.json"
     out.unlink(missing_ok=True)
-    argv = fio_argv(dev, job, out, runtime, size, ramp)
+    argv = fio_argv(target, job, out, runtime, size, ramp)
     if runtime is not None:
         timeout = runtime + ramp + cfg.slack
     else:

@@ -166,6 +166,14 @@ def loop_requests(dev: str, reads: bool) -> int | None:
     return int(fields[done]) + int(fields[merged])
 
 
+def nbd_uri(port: int, tls: Path | None = None) -> str:
+    """The URI of a server on loopback ``port``: ``nbds://`` with the client's
+    ``tls-certificates`` directory (libnbd reads ca-cert.pem there) when ``tls`` is given."""
+    if tls is None:
+        return f"nbd://{LOOPBACK}:{port}"
+    return f"nbds://{LOOPBACK}:{port}/?tls-certificates={tls}"
+
+
 class CacheDropper:
     """``echo 3 > /proc/sys/vm/drop_caches`` in a child with a time limit.
 
@@ -342,10 +350,22 @@ class Env:
         raise BenchError(f"{proc.name}: {uri} not answering after {timeout:.0f}s: {last}")
 
     def nbdkit_memory(
-        self, stack: contextlib.ExitStack, name: str, size: int, rate: str | None = None
+        self,
+        stack: contextlib.ExitStack,
+        name: str,
+        size: int,
+        rate: str | None = None,
+        unix: Path | None = None,
     ) -> tuple[str, Proc]:
-        port = free_port()
-        argv = ["nbdkit", "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK]
+        """``nbdkit memory`` on loopback TCP, or on the unix socket ``unix``."""
+        argv = ["nbdkit", "-f", "--exit-with-parent"]
+        if unix is None:
+            port = free_port()
+            argv += ["-p", str(port), "-i", LOOPBACK]
+            uri = nbd_uri(port)
+        else:
+            argv += ["-U", str(unix)]
+            uri = f"nbd+unix:///?socket={unix}"
         if rate is None:
             argv += ["memory", str(size)]
         else:
@@ -355,28 +375,43 @@ class Env:
             argv += ["--filter=noparallel", "--filter=rate", "memory", str(size)]
             argv += [f"rate={rate}", "burstiness=0.2", "serialize=requests"]
         proc = self.spawn_server(stack, name, argv)
-        uri = f"nbd://{LOOPBACK}:{port}"
         self.wait_nbd(uri, proc, size)
         return uri, proc
 
-    def nbdkit_file(self, stack: contextlib.ExitStack, name: str, path: Path) -> tuple[str, Proc]:
+    def nbdkit_file(
+        self, stack: contextlib.ExitStack, name: str, path: Path, tls: Path | None = None
+    ) -> tuple[str, Proc]:
+        """``nbdkit file`` on loopback TCP; with ``tls`` (a certificates directory, see
+        benchlib.certs) it requires TLS and the URI is ``nbds://``."""
         port = free_port()
         argv = ["nbdkit", "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK]
+        if tls is not None:
+            argv += ["--tls=require", f"--tls-certificates={tls}"]
         proc = self.spawn_server(stack, name, [*argv, "file", str(path)])
-        uri = f"nbd://{LOOPBACK}:{port}"
+        uri = nbd_uri(port, tls)
         self.wait_nbd(uri, proc, path.stat().st_size)
         return uri, proc
 
     def dstfs_serve(
-        self, stack: contextlib.ExitStack, name: str, path: Path, size: int | None
+        self,
+        stack: contextlib.ExitStack,
+        name: str,
+        path: Path,
+        size: int | None,
+        tls: Path | None = None,
     ) -> tuple[str, Proc]:
+        """``dstfs serve`` on loopback TCP; with ``tls`` (a certificates directory) it
+        requires TLS (``--tls-cert``/``--tls-key``) and the URI is ``nbds://``."""
         dstfs = self.require_dstfs()
         port = free_port()
         argv = [dstfs, "serve", str(path), "--listen", f"{LOOPBACK}:{port}"]
         if size is not None:
             argv += ["--size", fmt_size(size)]
+        if tls is not None:
+            argv += ["--tls-cert", str(tls / "server-cert.pem")]
+            argv += ["--tls-key", str(tls / "server-key.pem")]
         proc = self.spawn_server(stack, name, argv)
-        uri = f"nbd://{LOOPBACK}:{port}"
+        uri = nbd_uri(port, tls)
         self.wait_nbd(uri, proc, size)
         return uri, proc
 
@@ -463,6 +498,34 @@ class Env:
             stack, f"dstfs-{name}", argv, mnt, mnt / "disk.img", [dstfs, "umount", str(mnt)]
         )
         return mnt, proc
+
+    def dstfs_export(
+        self, stack: contextlib.ExitStack, name: str, alg: str, uris: list[str]
+    ) -> tuple[str, Proc]:
+        """``dstfs mount --no-fuse --export unix:SOCK``: the array served over NBD only;
+        returns the export's URI and the daemon. Stopped with ``dstfs umount --state``."""
+        dstfs = self.require_dstfs()
+        state = self.cfg.workdir / f"state-{name}"
+        state.mkdir(parents=True, exist_ok=True)
+        sock = self.cfg.workdir / f"{name}.sock"
+        argv = [dstfs, "mount", "--no-fuse", "--foreground", "--state", str(state)]
+        argv += ["--name", f"bench-{name}", "--alg", alg, "--export", f"unix:{sock}"]
+        for uri in uris:
+            argv += ["--node", uri]
+        proc = self.spawn(f"dstfs-{name}", argv)
+        stop = [dstfs, "umount", "--state", str(state)]
+        stack.callback(safe(f"stop dstfs-{name}", self.stop_daemon, proc, stop))
+        uri = f"nbd+unix:///?socket={sock}"
+        self.wait_nbd(uri, proc, None)
+        return uri, proc
+
+    def stop_daemon(self, proc: Proc, stop: list[str]) -> None:
+        """Run ``stop`` (which flushes and waits for the daemon), then make sure it is gone."""
+        try:
+            if proc.alive():
+                self.run_reaping(stop, proc, timeout=30)
+        finally:
+            proc.stop(grace=10.0, timeout=5.0)
 
     def attach_loop(self, stack: contextlib.ExitStack, path: Path) -> tuple[str, str]:
         """``losetup --direct-io=on --show -f``; returns the device and its dio flag."""

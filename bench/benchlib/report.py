@@ -1,6 +1,7 @@
 """The report: aligned text tables and the JSON of a run. Pure: figures in,
-text and dicts out (medians, min-max spreads, ratios to the anchor row, CPU
-µs per request of the daemon and of the nodes), so it is tested with fixed
+text and dicts out (medians, min-max spreads, ratios to the anchor row: nbdfuse
+for the loop-device rows, nbdkit directly for the NBD rows; CPU µs per request
+of the daemon and of the nodes), so it is tested with fixed
 inputs (tests/test_bench_report.py)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ANCHOR, JOBS, Job
+from .config import JOBS, Job
 from .extras import Measure
 from .processes import one_line
 from .rows import Row
@@ -82,36 +83,61 @@ def cpu_cell(row: Row, job: Job) -> str:
     return "/".join(parts)
 
 
-def main_tables(rows: list[Row]) -> str:
-    anchor = next((r for r in rows if r.spec.key == ANCHOR), None)
-    headers = ["row"]
+def ratio_table(rows: list[Row], anchor: Row | None, first: str) -> str:
+    """Medians, each job's ratio to ``anchor``'s median, CPU µs per request, RSS."""
+    headers = [first]
     for job in JOBS:
         headers += [f"{job.title} {job.unit}", "ratio", "µs/req d/n"]
     headers.append("RSS MiB")
     body: list[list[str] | str] = []
-    spread: list[list[str] | str] = []
     for row in rows:
         if row.error and not any(row.samples.values()):
             body.append(f"{row.spec.name}\t{short_error(row.error, 90)}")
-            spread.append(f"{row.spec.name}\terror")
             continue
-        cells, sp = [row.spec.name], [row.spec.name]
+        cells = [row.spec.name]
         for job in JOBS:
             med = summary(row.values(job))["median"]
             ref = summary(anchor.values(job))["median"] if anchor else None
             cells += [row_cell(row, job), fmt_ratio(med, ref), cpu_cell(row, job)]
-            s = summary(row.values(job))
-            sp.append("-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}")
         rss = row.daemon_rss if row.spec.dstfs else None
         cells.append("-" if rss is None else f"{rss:.0f}")
         body.append(cells)
+    return render(headers, body)
+
+
+def anchor_of(rows: list[Row], row: Row) -> Row | None:
+    return next((r for r in rows if r.spec.key == row.spec.anchor), None)
+
+
+def main_tables(rows: list[Row]) -> str:
+    """The loop-device rows with ratios to nbdfuse; the NBD rows (fio's nbd engine) with
+    ratios to nbdkit directly; then every row's spread."""
+    tables = []
+    loop = [r for r in rows if not r.spec.nbd]
+    if loop:
+        tables.append(ratio_table(loop, anchor_of(rows, loop[0]), "row"))
+    nbd = [r for r in rows if r.spec.nbd]
+    if nbd:
+        tables.append(ratio_table(nbd, anchor_of(rows, nbd[0]), "NBD row (fio nbd engine)"))
+    spread: list[list[str] | str] = []
+    for row in rows:
+        if row.error and not any(row.samples.values()):
+            spread.append(f"{row.spec.name}\terror")
+            continue
+        sp = [row.spec.name]
+        for job in JOBS:
+            s = summary(row.values(job))
+            sp.append("-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}")
         spread.append(sp)
     spread_headers = ["spread (min-max)"] + [f"{j.title} {j.unit}" for j in JOBS]
-    return render(headers, body) + "\n\n" + render(spread_headers, spread)
+    tables.append(render(spread_headers, spread))
+    return "\n\n".join(tables)
 
 
 def extras_table(ms: dict[str, Measure]) -> str:
-    headers = ["measurement", "MB/s", "min-max", "n", "ratio", "ratio to"]
+    """One line per measurement: median, spread, samples, the servers' median CPU µs per
+    request (nbdcopy's, when measured), the ratio to its reference."""
+    headers = ["measurement", "MB/s", "min-max", "n", "µs/req", "ratio", "ratio to"]
     body: list[list[str] | str] = []
     for m in ms.values():
         s = summary(m.samples)
@@ -127,17 +153,18 @@ def extras_table(ms: dict[str, Measure]) -> str:
                 fmt_value(s["median"]) + ("*" if m.errors else "") + unit,
                 "-" if s["min"] is None else f"{s['min']:.0f}-{s['max']:.0f}",
                 str(len(m.samples)),
+                fmt_value(summary(m.cpu)["median"]) if m.cpu else "",
                 fmt_ratio(s["median"], ref_med) if ref else "",
                 ref.title if ref else "",
             ]
         )
-    return render(headers, body, left=(0, 5))
+    return render(headers, body, left=(0, 6))
 
 
 def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
-    anchor = next((r for r in rows if r.spec.key == ANCHOR), None)
     out = []
     for row in rows:
+        anchor = anchor_of(rows, row)
         jobs = {}
         for job in JOBS:
             s = summary(row.values(job))
@@ -146,7 +173,8 @@ def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
                 "title": job.title,
                 "unit": job.unit,
                 **s,
-                "ratio_to_nbdfuse": s["median"] / ref if s["median"] is not None and ref else None,
+                "ratio_to": row.spec.anchor,
+                "ratio": s["median"] / ref if s["median"] is not None and ref else None,
                 "cpu_us_per_request": {
                     who: summary(row.cpu_values(job, who)) for who in ("daemon", "nodes")
                 },
@@ -178,6 +206,7 @@ def extras_json(ms: dict[str, Measure]) -> dict[str, Any]:
             **s,
             "ratio_to": m.ratio_to,
             "ratio": s["median"] / ref if s["median"] is not None and ref else None,
+            "cpu_us_per_request": summary(m.cpu) if m.cpu else None,
             "samples": m.details,
             "errors": m.errors,
         }

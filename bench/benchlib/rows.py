@@ -1,5 +1,6 @@
 """The main rows: each a disk file behind a loop device (dstfs, nbdfuse, the
-pyfuse3 no-op, tmpfs), set up once and kept mounted, and every fio job run on
+pyfuse3 no-op, tmpfs), or an NBD URI that fio's nbd engine opens (the array's
+export, nbdkit directly), set up once and kept mounted, and every fio job run on
 every live row interleaved, so drift on a shared machine hits all rows alike."""
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ log = logging.getLogger("bench")
 class Row:
     spec: RowSpec
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    dev: str | None = None
+    dev: str | None = None  # the loop device, or for an NBD row:
+    uri: str | None = None  # the URI fio's nbd engine opens
     procs: list[Proc] = field(default_factory=list)
     daemon: Proc | None = None
     setup: dict[str, Any] = field(default_factory=dict)
@@ -43,6 +45,11 @@ class Row:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     job_errors: dict[str, list[str]] = field(default_factory=dict)
     peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str | None:
+        """What fio runs on: the loop device, or the NBD URI."""
+        return self.uri if self.spec.nbd else self.dev
 
     def values(self, job: Job) -> list[float]:
         return [s["value"] for s in self.samples.get(job.key, [])]
@@ -87,6 +94,9 @@ def setup_row(env: Env, row: Row) -> None:
     """Start the row's servers and mount, attach the loop device, fill the disk once."""
     cfg, key, st = env.cfg, row.spec.key, row.stack
     mnt = cfg.workdir / f"mnt-{key}"
+    if row.spec.nbd:
+        setup_nbd_row(env, row)
+        return
     if row.spec.dstfs:
         env.require_dstfs()
         uris = []
@@ -138,13 +148,33 @@ def setup_row(env: Env, row: Row) -> None:
     log.info("%s: first write %.0f MB/s", row.spec.name, row.setup["fill"]["value"])
 
 
+def setup_nbd_row(env: Env, row: Row) -> None:
+    """An NBD row: ``nbdkit memory`` of the whole disk on a unix socket, either itself the
+    row or the one node of a linear dstfs array served by ``--no-fuse --export unix:``.
+    Filled once through its URI, as the loop rows are through their device."""
+    cfg, key, st = env.cfg, row.spec.key, row.stack
+    sock = cfg.workdir / f"{key}-node.sock"
+    uri, node = env.nbdkit_memory(st, f"{key}-node", cfg.disk_size, unix=sock)
+    row.procs.append(node)
+    if key == "export":
+        uri, row.daemon = env.dstfs_export(st, key, "linear", [uri])
+        row.procs.append(row.daemon)
+    st.callback(row.record_rss)  # runs before the servers stop
+    row.uri = uri
+    row.setup.update(uri=uri, disk_bytes=cfg.disk_size, procs=[p.info() for p in row.procs])
+    log.info("%s: %s, filling", row.spec.name, uri)
+    row.setup["fill"] = run_fio(cfg, uri, FILL_JOB, runtime=None)
+    log.info("%s: first write %.0f MB/s", row.spec.name, row.setup["fill"]["value"])
+
+
 def run_rows(env: Env, rows: list[Row]) -> None:
     """Run every job on every live row, interleaved: job J on A, B, C, ... ``repeat`` times."""
     cfg = env.cfg
     for job in JOBS:
         for rep in range(cfg.repeat):
             for row in rows:
-                if row.error or row.dev is None:
+                target = row.target
+                if row.error or target is None:
                     continue
                 try:
                     row.check_alive()
@@ -152,12 +182,17 @@ def run_rows(env: Env, rows: list[Row]) -> None:
                     row.error = str(e)
                     log.error("%s: %s", row.spec.name, e)
                     continue
+                # NBD rows: no page cache on the way, no loop device to count requests,
+                # so no ramp either: fio's count is then of the whole run, the CPU's window.
+                nbd = row.spec.nbd
                 try:
-                    if job.reads:
+                    if job.reads and not nbd:
                         env.drop_caches()
-                    cpu0, req0 = row.cpu_now(), loop_requests(row.dev, job.reads)
-                    sample = run_fio(env.cfg, row.dev, job, cfg.runtime, ramp=cfg.ramp)
-                    add_cpu(sample, cpu0, row.cpu_now(), req0, loop_requests(row.dev, job.reads))
+                    cpu0, req0 = row.cpu_now(), None if nbd else loop_requests(target, job.reads)
+                    ramp = 0.0 if nbd else cfg.ramp
+                    sample = run_fio(env.cfg, target, job, cfg.runtime, ramp=ramp)
+                    req1 = None if nbd else loop_requests(target, job.reads)
+                    add_cpu(sample, cpu0, row.cpu_now(), req0, req1)
                 except Exception as e:
                     log.error("%s %s #%d: %s", row.spec.name, job.key, rep + 1, describe(e))
                     row.job_errors.setdefault(job.key, []).append(describe(e))
