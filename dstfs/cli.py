@@ -128,23 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a client that has not finished the handshake by then (default 10)",
     )
-    s.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (chain), PEM")
-    s.add_argument("--tls-key", metavar="FILE", help="TLS private key, PEM")
-    s.add_argument(
-        "--tls-ca", metavar="FILE", help="require client certificates signed by this CA (PEM)"
-    )
-    s.add_argument(
-        "--tls",
-        choices=["require", "allow", "off"],
-        help="require (the default with --tls-cert): no data without TLS; "
-        "allow: TLS is the client's choice; off",
-    )
-    s.add_argument(
-        "--allow",
-        action="append",
-        metavar="ADDR[/PREFIX]",
-        help="serve only TCP clients from these addresses (repeatable; IPv4 or IPv6)",
-    )
+    commands.add_access_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     commands.add_parsers(sub)

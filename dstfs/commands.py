@@ -955,6 +955,31 @@ def _replica_index(text: str) -> int:
     return int(digits)
 
 
+def add_access_arguments(p: argparse.ArgumentParser, prefix: str = "", what: str = "") -> None:
+    """The TLS and allow-list options of an NBD server: `dstfs serve`'s, and
+    with `prefix` "export-" those of `dstfs mount --export`."""
+    of = f" ({what})" if what else ""
+    p.add_argument(f"--{prefix}tls-cert", metavar="FILE", help=f"TLS certificate (chain), PEM{of}")
+    p.add_argument(f"--{prefix}tls-key", metavar="FILE", help=f"TLS private key, PEM{of}")
+    p.add_argument(
+        f"--{prefix}tls-ca",
+        metavar="FILE",
+        help=f"require client certificates signed by this CA (PEM){of}",
+    )
+    p.add_argument(
+        f"--{prefix}tls",
+        choices=["require", "allow", "off"],
+        help=f"require (the default with --{prefix}tls-cert): no data without TLS; "
+        "allow: TLS is the client's choice; off",
+    )
+    p.add_argument(
+        f"--{prefix}allow",
+        action="append",
+        metavar="ADDR[/PREFIX]",
+        help=f"serve only TCP clients from these addresses (repeatable; IPv4 or IPv6){of}",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("mount", help="mount an array (returns once mounted)")
     m.add_argument("mountpoint", nargs="?", help="where disk.img appears (none with --no-fuse)")
@@ -994,25 +1019,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="let --export listen on a non-loopback address without client "
         "certificates (--export-tls-ca)",
     )
-    m.add_argument("--export-tls-cert", metavar="FILE", help="export's TLS certificate, PEM")
-    m.add_argument("--export-tls-key", metavar="FILE", help="export's TLS private key, PEM")
-    m.add_argument(
-        "--export-tls-ca",
-        metavar="FILE",
-        help="require client certificates signed by this CA (PEM) on the export",
-    )
-    m.add_argument(
-        "--export-tls",
-        choices=["require", "allow", "off"],
-        help="require (the default with --export-tls-cert): no data without TLS; "
-        "allow: TLS is the client's choice; off",
-    )
-    m.add_argument(
-        "--export-allow",
-        action="append",
-        metavar="ADDR[/PREFIX]",
-        help="serve the export only to TCP clients from these addresses (repeatable)",
-    )
+    add_access_arguments(m, "export-", "for the export")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -32,3 +32,27 @@ def _stale_namespaces() -> None:
         remove_stale_namespaces()
     except Exception:  # no ip(8) or no privilege: the netns tests will say so
         pass
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with server and client certificates (openssl), per test module."""
+    from helpers.certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("tls") / "pki")
+
+
+@pytest.fixture(scope="module")
+def cdir(pki: Path) -> Path:
+    """A client's tls-certificates directory: the CA and a client certificate."""
+    from helpers.certs import client_dir
+
+    return client_dir(pki, pki.parent / "client")
+
+
+@pytest.fixture(scope="module")
+def cdir_no_cert(pki: Path) -> Path:
+    """A client's tls-certificates directory with the CA only."""
+    from helpers.certs import client_dir
+
+    return client_dir(pki, pki.parent / "client-no-cert", with_client_cert=False)

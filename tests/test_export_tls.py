@@ -11,27 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.certs import client_dir, make_pki
 from helpers.procs import DSTFS, need
 from test_export import MiB, no_fuse, node_files, random_file
 
 from dstfs.export import export_options
 from dstfs.serve import warn_if_plain_text
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("tls") / "pki")
-
-
-@pytest.fixture(scope="module")
-def cdir(pki: Path) -> Path:
-    return client_dir(pki, pki.parent / "client")
-
-
-@pytest.fixture(scope="module")
-def cdir_no_cert(pki: Path) -> Path:
-    return client_dir(pki, pki.parent / "client-no-cert", with_client_cert=False)
 
 
 def tls_args(pki: Path, ca: bool = True) -> list[str]:

@@ -56,24 +56,9 @@ REP_ERR_TLS_REQD = 2**31 + 5
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("tls") / "pki")
-
-
-@pytest.fixture(scope="module")
 def untrusted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Certificates from another CA, which the clients do not trust."""
     return make_pki(tmp_path_factory.mktemp("tls") / "other", cn="untrusted CA")
-
-
-@pytest.fixture(scope="module")
-def cdir(pki: Path) -> Path:
-    return client_dir(pki, pki.parent / "client")
-
-
-@pytest.fixture(scope="module")
-def cdir_no_cert(pki: Path) -> Path:
-    return client_dir(pki, pki.parent / "client-no-cert", with_client_cert=False)
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
