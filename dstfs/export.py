@@ -49,7 +49,7 @@ from dstfs.iotypes import Buffer
 from dstfs.nbd.server import Export, NbdServer, Network
 from dstfs.serve import (
     TLSMode,
-    only_exception,
+    bind_errors_unwrapped,
     parse_allow,
     tls_mode,
     tls_setup,
@@ -184,7 +184,7 @@ async def serve_exports(
         tls_required=tls_required,
         allow=options.allow,
     )
-    try:
+    with bind_errors_unwrapped():
         async with trio.open_nursery() as nursery:
             uris, hosts = [], []
             for addr in options.addresses:
@@ -206,12 +206,6 @@ async def serve_exports(
             warn_if_plain_text(hosts, tls_required, TLS_FLAG)
             task_status.started(uris)
             await trio.sleep(math.inf)
-    except BaseExceptionGroup as group:
-        # The nursery wraps a failed bind: give the caller the OSError itself.
-        leaf = only_exception(group)
-        if isinstance(leaf, OSError):
-            raise leaf from None
-        raise
 
 
 class ArrayBackend(BackendBase):

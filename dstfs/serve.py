@@ -7,12 +7,14 @@ text on an address other than loopback says so in its log at start.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import logging
 import os
 import signal
 import ssl
+from collections.abc import Iterator
 
 import trio
 
@@ -95,15 +97,18 @@ def warn_if_plain_text(hosts: list[str], tls_required: bool, flag: str = "--tls"
     return bool(exposed)
 
 
-def only_exception(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception in a (nested) group of one; None otherwise. A
-    nursery wraps a failed bind: the caller wants the OSError itself."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return None
+@contextlib.contextmanager
+def bind_errors_unwrapped() -> Iterator[None]:
+    """A nursery wraps a failed bind in an exception group of one: the
+    caller gets the OSError itself (one line for the CLI)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+            group = group.exceptions[0]
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], OSError):
+            raise group.exceptions[0] from None
+        raise
 
 
 def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
@@ -144,12 +149,8 @@ async def run_server(
         allow=allow,
     )
     try:
-        await _serve(server, backend, listen, unix, export, tls_required, task_status)
-    except BaseExceptionGroup as group:
-        leaf = only_exception(group)
-        if isinstance(leaf, OSError):
-            raise leaf from None
-        raise
+        with bind_errors_unwrapped():
+            await _serve(server, backend, listen, unix, export, tls_required, task_status)
     finally:
         with trio.CancelScope(shield=True):
             if not read_only:
