@@ -16,11 +16,11 @@ What must hold (migrate.py's docstring):
 from __future__ import annotations
 
 import errno
-import functools
 
 import pytest
 import trio
 import trio.testing
+from helpers.virtual import Task, bounded
 
 from dstfs.backends.base import BackendBase
 from dstfs.interlock import RegionLock
@@ -28,18 +28,6 @@ from dstfs.migrate import MigrationFilter
 
 CHUNK = 64 * 1024
 SIZE = 4 * CHUNK
-
-
-def bounded(test):
-    """Fail a test after an hour of virtual time: a bug that makes a wait
-    endless would otherwise spin the autojump clock for ever."""
-
-    @functools.wraps(test)
-    async def run(*args: object, **kw: object) -> None:
-        with trio.fail_after(3600):
-            await test(*args, **kw)
-
-    return run
 
 
 class FakeBackend(BackendBase):
@@ -83,21 +71,6 @@ class FakeBackend(BackendBase):
 
     async def aclose(self) -> None:
         pass
-
-
-class Task:
-    def __init__(self, nursery: trio.Nursery, fn, *args: object) -> None:
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-        nursery.start_soon(self._run, fn, args)
-
-    async def _run(self, fn, args) -> None:
-        try:
-            await fn(*args)
-        except OSError as e:
-            self.error = e
-        finally:
-            self.done.set()
 
 
 def make() -> tuple[MigrationFilter, FakeBackend, FakeBackend]:

@@ -11,11 +11,11 @@ the one dstfs/node.py's docstring states, through Node's public methods
 from __future__ import annotations
 
 import errno
-import functools
 
 import pytest
 import trio
 import trio.testing
+from helpers.virtual import Task, bounded
 
 from dstfs.backends.base import BackendBase
 from dstfs.iotypes import ConnectionLost
@@ -23,18 +23,6 @@ from dstfs.node import BACKOFF_MAX, BACKOFF_MIN, Node, State
 from dstfs.uri import parse_node
 
 SIZE = 1 << 20
-
-
-def bounded(test):
-    """Fail a test after an hour of virtual time: a bug that makes a wait
-    endless would otherwise spin the autojump clock for ever."""
-
-    @functools.wraps(test)
-    async def run(*args: object, **kw: object) -> None:
-        with trio.fail_after(3600):
-            await test(*args, **kw)
-
-    return run
 
 
 class FakeBackend(BackendBase):
@@ -96,26 +84,6 @@ class FakeBackend(BackendBase):
 
 def make_node(nursery: trio.Nursery, backend: FakeBackend) -> Node:
     return Node(parse_node("nbd://127.0.0.1:1"), backend, backend.size, nursery)
-
-
-class Task:
-    """Run `fn` in `nursery`; remember its result or OSError and when it ended."""
-
-    def __init__(self, nursery: trio.Nursery, fn, *args: object) -> None:
-        self.done = trio.Event()
-        self.result: object = None
-        self.error: OSError | None = None
-        self.ended: float | None = None
-        nursery.start_soon(self._run, fn, args)
-
-    async def _run(self, fn, args) -> None:
-        try:
-            self.result = await fn(*args)
-        except OSError as e:
-            self.error = e
-        finally:
-            self.ended = trio.current_time()
-            self.done.set()
 
 
 # -- the gate: suspend and resume
