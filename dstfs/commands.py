@@ -396,9 +396,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if reg is not None:
         pid = int(reg["pid"])
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and process_alive(pid):
             time.sleep(0.05)
-        if _alive(pid):
+        if process_alive(pid):
             raise CliError(f"daemon {pid} did not exit after unmount")
     return 0
 
@@ -458,7 +458,7 @@ def _loops_over(path: str) -> list[str]:
     return devs
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Running, and not a zombie waiting for a parent to reap it."""
     try:
         with open(f"/proc/{pid}/stat") as f:

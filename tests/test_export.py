@@ -17,6 +17,8 @@ import pytest
 from helpers.mounts import mounted
 from helpers.procs import DSTFS, need
 
+from dstfs.commands import process_alive
+
 MiB = 1 << 20
 
 
@@ -102,14 +104,6 @@ def _lock_pid(state: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def no_fuse(
     state: Path,
@@ -135,7 +129,7 @@ def no_fuse(
         subprocess.run([*DSTFS, "umount", "--state", str(state)], capture_output=True, timeout=60)
         if (
             pid is not None
-            and _alive(pid)
+            and process_alive(pid)
             and b"dstfs" in Path(f"/proc/{pid}/cmdline").read_bytes()
         ):
             os.kill(pid, signal.SIGKILL)
@@ -185,7 +179,7 @@ def test_no_fuse_export_on_a_host_without_dev_fuse_and_status_through_the_socket
         pid = _lock_pid(state)
         assert pid is not None
         sh(*DSTFS, "umount", "--state", str(state))
-        assert not _alive(pid)
+        assert not process_alive(pid)
         assert not (state / "control.sock").exists()
         assert not sock.exists()
         gone = subprocess.run(
