@@ -67,6 +67,19 @@ class _Writer:
         _, _, samples = self.families.setdefault(family, (kind, help_, []))
         samples.append(f"dstfs_{name}{_labels(labels)} {_num(value)}")
 
+    def add_one_of(
+        self,
+        name: str,
+        help_: str,
+        labels: dict[str, str],
+        key: str,
+        choices: tuple[str, ...],
+        current: str,
+    ) -> None:
+        """A state as a gauge per choice (label `key`): 1 for `current`, else 0."""
+        for choice in choices:
+            self.add(name, "gauge", help_, {**labels, key: choice}, int(choice == current))
+
     def text(self) -> str:
         out = []
         for family, (kind, help_, samples) in self.families.items():
@@ -88,14 +101,14 @@ def render_metrics(array: Array, state_of: Callable[..., str]) -> str:
     rs = array.replicas
     if rs is not None:
         w.add("mirror_degraded", "gauge", "Replicas out of sync", a, rs.degraded)
-        for action in SYNC_ACTIONS:
-            w.add(
-                "mirror_sync_action",
-                "gauge",
-                "The running check/repair (1) or idle",
-                {**a, "action": action},
-                int(rs.sync_action == action),
-            )
+        w.add_one_of(
+            "mirror_sync_action",
+            "The running check/repair (1) or idle",
+            a,
+            "action",
+            SYNC_ACTIONS,
+            rs.sync_action,
+        )
         idle = rs.sync_action == "idle"
         w.add(
             "mirror_sync_done_sectors",
@@ -148,14 +161,7 @@ def render_metrics(array: Array, state_of: Callable[..., str]) -> str:
         w.add("node_suspended", "gauge", "1 while the node is suspended", n, int(node.suspended))
         state, _, progress = state_of(node).partition(" ")
         states = REPLICA_STATES if rs is not None else NODE_STATES
-        for s in states:
-            w.add(
-                "node_state",
-                "gauge",
-                "The node's state (1: current)",
-                {**n, "state": s},
-                int(s == state),
-            )
+        w.add_one_of("node_state", "The node's state (1: current)", n, "state", states, state)
         if rs is not None:
             w.add("node_dirty_regions", "gauge", "Regions the replica misses", n, rs.dirty_of(node))
             done, _, total = progress.partition("/")
