@@ -57,6 +57,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise CliError(f"cannot export {args.path}: {e}") from None
     keep_freed_memory()
+    if args.workers > 1:
+        from dstfs.workers import WorkerConfig, run_workers
+
+        cfg = WorkerConfig(
+            backend=backend,
+            export=args.export,
+            read_only=args.read_only,
+            max_connections=args.max_connections,
+            handshake_timeout=args.handshake_timeout,
+            tls=tls,
+            tls_required=tls_required,
+            allow=allow,
+        )
+        try:
+            return run_workers(cfg, args.workers, listen, args.unix)
+        except OSError as e:
+            raise CliError(f"cannot serve {args.path}: {e}") from None
     try:
         trio.run(
             lambda: run_server(
@@ -80,6 +97,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    from dstfs.workers import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"wants a whole number from 1 to {MAX_WORKERS}, not {text!r}"
+        )
     return int(text)
 
 
@@ -127,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="close a client that has not finished the handshake by then (default 10)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="serve from N processes (one core each; the parent only accepts and hands"
+        " connections to the least busy); for TLS or many busy clients (default 1)",
     )
     commands.add_access_arguments(s)
     s.set_defaults(func=cmd_serve)

@@ -197,6 +197,11 @@ class NbdServer:
         self.tls = tls
         self.tls_required = tls_required
         self.allow = list(allow) if allow is not None else None
+        #: Set by a server that only accepts (dstfs/workers.py): a connection
+        #: that passed the checks goes to `hand_off(sock, peer)` instead of
+        #: being served here; True means handed (counted in `stats.active`
+        #: until `handed_connection_ended()`).
+        self.hand_off: Callable[[socket.socket, str], bool] | None = None
 
     def take_buffer(self, n: int) -> memoryview | None:
         """A payload buffer now, or None: the pool is full, or others wait
@@ -255,7 +260,7 @@ class NbdServer:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
-        await self._serve(listeners, task_status)
+        await self.serve_listeners(listeners, task_status=task_status)
 
     async def serve_unix(
         self,
@@ -270,16 +275,18 @@ class NbdServer:
         await sock.bind(path)
         sock.listen(128)
         try:
-            await self._serve([trio.SocketListener(sock)], task_status)
+            await self.serve_listeners([trio.SocketListener(sock)], task_status=task_status)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    async def _serve(
+    async def serve_listeners(
         self,
         listeners: list[trio.SocketListener],
-        task_status: trio.TaskStatus[list[trio.SocketListener]],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Accept on listeners already bound (and listening) until cancelled."""
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
@@ -370,8 +377,22 @@ class NbdServer:
             return
         if raw.family in (socket.AF_INET, socket.AF_INET6):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.hand_off is not None:
+            if self.hand_off(raw, peer):
+                self.stats.active += 1
+            raw.close()  # the receiver has its own descriptor now
+            return
         self.stats.active += 1  # counted now: the limit holds for a burst of accepts
         nursery.start_soon(self._handle_counted, SocketIO(SocketTransport(raw), peer))
+
+    def handed_connection_ended(self) -> None:
+        """A connection given to `hand_off` has ended where it was served."""
+        self.stats.active -= 1
+
+    async def serve_one(self, raw: socket.socket, peer: str) -> None:
+        """Serve a connection accepted elsewhere (and checked there: --allow,
+        --max-connections) until it ends."""
+        await self.handle(SocketIO(SocketTransport(raw), peer))
 
     async def _handle_counted(self, io: SocketIO) -> None:
         self.stats.active -= 1

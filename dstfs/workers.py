@@ -1,0 +1,323 @@
+"""`dstfs serve --workers N`: one listening address, N server processes.
+
+Why: one trio thread serves every connection of a process, and with TLS it
+also decrypts and encrypts every byte, so one core is the limit. Threads do
+not lift it: they share the GIL, and a worker thread that decrypted large
+payloads doubled the CPU per request (bench/RESULTS.md). Processes do.
+
+Rules:
+- The parent binds before anything else runs (no trio run and no thread
+  exists yet, so nothing half made crosses fork()), forks the workers, and
+  from then on only accepts. `--allow` and `--max-connections` are applied
+  there, over all workers; a connection that passes goes, with its peer's
+  name, to the worker serving the fewest (SCM_RIGHTS over a socketpair per
+  worker), and is served there to its end by that worker's own NbdServer
+  (its own payload pool: PAYLOAD_MEMORY holds per worker).
+- Every process shares the export's one open file, so a FLUSH (fdatasync)
+  on any connection covers the writes completed by every worker, and
+  CAN_MULTI_CONN still holds.
+- Workers ignore SIGINT and SIGTERM (a Ctrl-C or systemd reaches the whole
+  group): they stop when their channel to the parent ends, which is how the
+  parent stops them, and what happens when the parent dies, even by
+  SIGKILL. A worker that stops ends its connections, flushes the export
+  and exits.
+- A worker that dies on its own is an error: the parent logs which one and
+  how it ended, stops the others and exits with status 1 (its clients lost
+  their connections; a supervisor restarts the server).
+- Log lines from a worker start with `worker N:`.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+
+import attrs
+import trio
+
+from dstfs.backends.file import FileBackend
+from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
+from dstfs.serve import warn_if_plain_text
+
+log = logging.getLogger(__name__)
+
+#: The most workers `--workers` takes.
+MAX_WORKERS = 64
+#: Seconds the parent waits for stopped workers before it kills them.
+STOP_GRACE = 30.0
+_FD_SIZE = array.array("i").itemsize
+
+
+@attrs.define
+class _Worker:
+    number: int
+    pid: int
+    #: The parent's end of the socketpair (SOCK_SEQPACKET).
+    channel: socket.socket
+    #: Connections handed to it that have not ended.
+    active: int = 0
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (as
+    trio.open_tcp_listeners binds them), without trio."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at `path`, taken over only from a stale
+    socket (check_unix_path)."""
+    check_unix_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@attrs.frozen
+class WorkerConfig:
+    """What every process of `dstfs serve --workers N` serves, and how."""
+
+    backend: FileBackend
+    export: str
+    read_only: bool
+    max_connections: int
+    handshake_timeout: float
+    tls: ssl.SSLContext | None
+    tls_required: bool
+    allow: list[Network] | None
+
+
+def run_workers(
+    cfg: WorkerConfig, workers: int, listen: tuple[str, int] | None, unix: str | None
+) -> int:
+    """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
+    worker's death; the exit status (0, or 1 when a worker died). OSError
+    when the address cannot be bound (nothing was started)."""
+    socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+    pool: list[_Worker] = []
+    try:
+        for number in range(1, workers + 1):
+            pool.append(_fork_worker(number, cfg, socks, pool))
+        failed = trio.run(_accept, cfg, socks, pool, unix)
+    finally:
+        for sock in socks:
+            sock.close()
+        if unix is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(unix)
+        _stop(pool)
+        cfg.backend.close()  # each worker flushed what it wrote
+    return 1 if failed else 0
+
+
+def _fork_worker(
+    number: int, cfg: WorkerConfig, socks: list[socket.socket], pool: list[_Worker]
+) -> _Worker:
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the worker: never returns
+        status = 1
+        try:
+            parent_end.close()
+            for sock in socks:
+                sock.close()
+            for other in pool:
+                other.channel.close()
+            status = _worker_main(number, child_end, cfg)
+        except BaseException:
+            log.exception("worker %d: failed", number)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    child_end.close()
+    log.info("worker %d: started, pid %d", number, pid)
+    return _Worker(number, pid, parent_end)
+
+
+async def _accept(
+    cfg: WorkerConfig, socks: list[socket.socket], pool: list[_Worker], unix: str | None
+) -> bool:
+    """The parent's trio run: True when a worker died."""
+    server = NbdServer(
+        [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
+        max_connections=cfg.max_connections,
+        allow=cfg.allow,
+    )
+    server.hand_off = lambda raw, peer: _hand_off(pool, raw, peer)
+    died: list[_Worker] = []
+    async with trio.open_nursery() as nursery:
+        for w in pool:
+            nursery.start_soon(_watch, w, server, died, nursery.cancel_scope)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+        await nursery.start(server.serve_listeners, listeners)
+        where = f"unix:{unix}" if unix else ", ".join(str(s.getsockname()[:2]) for s in socks)
+        log.info(
+            "serving %s as %r on %s with %d workers",
+            cfg.backend.path,
+            cfg.export,
+            where,
+            len(pool),
+        )
+        if unix is None:
+            warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal %s: stopping the workers", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return bool(died)
+
+
+def _hand_off(pool: list[_Worker], raw: socket.socket, peer: str) -> bool:
+    """Send `raw` to the worker serving the fewest connections."""
+    w = min(pool, key=lambda w: w.active)
+    fds = array.array("i", [raw.fileno()])
+    try:
+        w.channel.sendmsg([peer.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    except OSError as e:  # BlockingIOError: the worker stopped reading its channel
+        log.error("%s: refused: worker %d cannot take it: %s", peer, w.number, e.strerror or e)
+        return False
+    w.active += 1
+    return True
+
+
+async def _watch(
+    w: _Worker, server: NbdServer, died: list[_Worker], scope: trio.CancelScope
+) -> None:
+    """Count the connections `w` says have ended; its channel's end means
+    the worker is gone: stop everything."""
+    channel = trio.socket.from_stdlib_socket(w.channel)
+    while await channel.recv(64):
+        w.active -= 1
+        server.handed_connection_ended()
+    pid, status = await trio.to_thread.run_sync(os.waitpid, w.pid, 0)
+    w.pid = 0  # reaped
+    log.error(
+        "worker %d (pid %d) ended on its own (%s): stopping the server",
+        w.number,
+        pid,
+        _describe(status),
+    )
+    died.append(w)
+    scope.cancel()
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _stop(pool: list[_Worker]) -> None:
+    """Close every channel (the workers' signal to stop) and reap them;
+    SIGKILL for one that is still there after STOP_GRACE."""
+    for w in pool:
+        w.channel.close()
+    deadline = time.monotonic() + STOP_GRACE
+    for w in pool:
+        while w.pid:
+            pid, status = os.waitpid(w.pid, os.WNOHANG)
+            if pid:
+                if status:
+                    log.warning("worker %d: %s", w.number, _describe(status))
+                w.pid = 0
+            elif time.monotonic() > deadline:
+                log.error("worker %d (pid %d): still running, killing it", w.number, w.pid)
+                os.kill(w.pid, signal.SIGKILL)
+                deadline = float("inf")
+            else:
+                time.sleep(0.02)
+
+
+class _Prefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{self.prefix}{record.msg}"
+        return True
+
+
+def _worker_main(number: int, channel: socket.socket, cfg: WorkerConfig) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Prefix(f"worker {number}: "))
+    server = NbdServer(
+        [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
+        handshake_timeout=cfg.handshake_timeout,
+        tls=cfg.tls,
+        tls_required=cfg.tls_required,
+    )
+    trio.run(_serve_handed, server, channel, cfg)
+    return 0
+
+
+async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerConfig) -> None:
+    """A worker's trio run: serve what the parent hands over until the
+    channel ends; then flush the export."""
+    tchannel = trio.socket.from_stdlib_socket(channel)
+    ended = trio.Lock()  # one sender at a time on the channel
+
+    async def serve(raw: socket.socket, peer: str) -> None:
+        try:
+            await server.serve_one(raw, peer)
+        finally:
+            with contextlib.suppress(OSError):
+                async with ended:
+                    await tchannel.send(b"e")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                msg, anc, _, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                fds = [
+                    fd
+                    for level, kind, data in anc
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                    for fd in array.array("i", data[: len(data) - len(data) % _FD_SIZE])
+                ]
+                if not msg and not fds:
+                    break  # the parent stops us, or is gone
+                peer = msg.decode(errors="replace")
+                for fd in fds:
+                    nursery.start_soon(serve, socket.socket(fileno=fd), peer)
+            log.info("stopping: the parent closed the channel")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if not cfg.read_only:
+                try:
+                    await cfg.backend.flush()
+                except OSError as e:
+                    log.error("%s: final flush failed: %s", cfg.backend.path, e)
+            await cfg.backend.aclose()

@@ -1,0 +1,235 @@
+"""`dstfs serve --workers N` as users run it: a real process tree, real
+clients (nbdcopy over TLS, the dstfs client, raw sockets), and the ways it
+ends: SIGTERM, the parent killed, a worker killed."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers.certs import client_dir
+from helpers.procs import DSTFS, free_port, need, wait_port, wait_unix
+
+from dstfs.nbd.client import open_client
+
+MiB = 1024 * 1024
+GREETING = b"NBDMAGIC"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+
+
+class Served:
+    """`dstfs -v serve PATH --workers N ...`, its log in PATH.log, its workers
+    found under it; everything is gone when the block ends."""
+
+    def __init__(self, path: Path, workers: int, extra: list[str], unix: Path | None) -> None:
+        self.path, self.log = path, path.with_suffix(".log")
+        self.port = None if unix else free_port()
+        where = ["--unix", str(unix)] if unix else ["--listen", f"127.0.0.1:{self.port}"]
+        argv = [*DSTFS, "-v", "serve", str(path), "--size", "64M", "--workers", str(workers)]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen([*argv, *where, *extra], stderr=out)
+        try:
+            if unix:
+                wait_unix(unix, self.proc)
+            else:
+                wait_port(self.port, self.proc)  # type: ignore[arg-type]
+            wait_for(lambda: len(children(self.proc.pid)) == workers, "workers started")
+        except BaseException:
+            self.close()
+            raise
+        self.workers = children(self.proc.pid)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def close(self) -> None:
+        kids = children(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def served(
+    tmp_path: Path, workers: int = 2, extra: tuple[str, ...] = (), unix: Path | None = None
+) -> Iterator[Served]:
+    s = Served(tmp_path / "d.img", workers, list(extra), unix)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def greeted(port: int) -> socket.socket | None:
+    """A connection that got the server's greeting, or None: closed unread."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    got = b""
+    while len(got) < len(GREETING):
+        chunk = sock.recv(len(GREETING) - len(got))
+        if not chunk:
+            sock.close()
+            return None
+        got += chunk
+    assert got == GREETING
+    return sock
+
+
+def served_by(log: str) -> set[str]:
+    """The workers that logged a client connected."""
+    return set(re.findall(r"(worker \d+): \S+: client connected", log))
+
+
+async def test_two_workers_share_clients_and_the_file(tmp_path: Path) -> None:
+    """Two dstfs clients land on different workers; what one writes the
+    other reads, and a FLUSH on either reaches the file."""
+    with served(tmp_path) as s:
+        data = random.randbytes(4 * MiB)
+        async with open_client(s.uri) as a, open_client(s.uri) as b:
+            await a.pwrite(MiB, data)
+            assert bytes(await b.pread(MiB, len(data))) == data
+            await b.flush()
+        with s.path.open("rb") as f:
+            f.seek(MiB)
+            assert f.read(len(data)) == data
+        wait_for(lambda: len(served_by(s.text())) == 2, "both workers served a client")
+
+
+def test_nbdcopy_over_tls_through_workers(tmp_path: Path, pki: Path) -> None:
+    """nbdcopy (libnbd, GnuTLS) with two connections over TLS: in and out
+    again byte for byte."""
+    nbdcopy = need("nbdcopy")
+    cdir = client_dir(pki, tmp_path / "client", with_client_cert=False)
+    tls = ["--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem")]
+    src, back = tmp_path / "src.img", tmp_path / "back.img"
+    src.write_bytes(random.randbytes(64 * MiB))
+    with served(tmp_path, extra=tuple(tls)) as s:
+        uri = f"nbds://127.0.0.1:{s.port}/?tls-certificates={cdir}"
+        subprocess.run([nbdcopy, "-C", "2", str(src), uri], check=True, timeout=300)
+        subprocess.run([nbdcopy, "-C", "2", uri, str(back)], check=True, timeout=300)
+        assert served_by(s.text()) == {"worker 1", "worker 2"}
+    assert filecmp.cmp(src, back, shallow=False)
+    assert filecmp.cmp(src, s.path, shallow=False)
+
+
+def test_max_connections_holds_over_all_workers(tmp_path: Path) -> None:
+    with served(tmp_path, extra=("--max-connections", "2")) as s:
+        assert s.port is not None
+        held: list[socket.socket] = []
+        try:
+            # The listening probe may still count for a moment: retry until let in.
+            while len(held) < 2:
+                sock = greeted(s.port)
+                if sock is not None:
+                    held.append(sock)
+            assert greeted(s.port) is None  # a third: closed without a greeting
+            held.pop().close()
+
+            def let_in() -> bool:
+                sock = greeted(s.port)  # type: ignore[arg-type]
+                if sock is not None:
+                    held.append(sock)
+                return sock is not None
+
+            wait_for(let_in, "a connection let in after one ended")
+        finally:
+            for sock in held:
+                sock.close()
+        assert "refused: 2 connections already (--max-connections)" in s.text()
+
+
+def test_allow_is_applied_by_the_parent(tmp_path: Path) -> None:
+    with served(tmp_path, extra=("--allow", "192.0.2.0/24")) as s:
+        assert s.port is not None
+        assert greeted(s.port) is None
+        assert "127.0.0.1" in s.text() and "not in --allow" in s.text()
+        assert not served_by(s.text())
+
+
+def test_sigterm_stops_every_process_and_removes_the_socket(tmp_path: Path) -> None:
+    unix = tmp_path / "nbd.sock"
+    with served(tmp_path, unix=unix) as s:
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
+        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone")
+        assert not unix.exists()
+        assert s.text().count("stopping: the parent closed the channel") == 2
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
+    with served(tmp_path) as s:
+        s.proc.kill()
+        s.proc.wait(30)
+        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone after the parent")
+
+
+def test_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
+    with served(tmp_path) as s:
+        victim, other = s.workers
+        os.kill(victim, signal.SIGKILL)
+        assert s.proc.wait(60) == 1
+        wait_for(lambda: not alive(other), "the other worker gone")
+        assert re.search(
+            rf"worker \d \(pid {victim}\) ended on its own \(killed by SIGKILL\)", s.text()
+        )
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1"])
+def test_bad_worker_counts(tmp_path: Path, value: str) -> None:
+    res = subprocess.run(
+        [*DSTFS, "serve", str(tmp_path / "d.img"), "--size", "1M", "--workers", value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    assert "--workers: wants a whole number from 1 to 64" in res.stderr
+    assert not (tmp_path / "d.img").exists()
