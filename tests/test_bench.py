@@ -38,8 +38,11 @@ ROW_NAMES = (
 EXTRA_TITLES = (
     "nbdcopy read, dstfs serve",
     "nbdcopy read, nbdkit file",
+    "nbdcopy write, dstfs serve --workers 2",
     "nbdcopy read, dstfs serve, TLS",
     "nbdcopy write, dstfs serve, TLS",
+    "nbdcopy read, dstfs serve --workers 2, TLS",
+    "nbdcopy write, dstfs serve --workers 2, TLS",
     "nbdcopy read, nbdkit file, TLS",
     "nbdcopy write, nbdkit file, TLS",
     "nbdcopy read, dstfs export",

@@ -34,7 +34,7 @@ from .config import (
     describe,
 )
 from .fio import fio_argv, fio_figures, run_fio
-from .processes import Env, Proc, cpu_seconds, run_cmd, safe, vm_hwm_mib
+from .processes import Env, Proc, run_cmd, safe, tree_cpu_seconds, vm_hwm_mib
 from .rows import Row
 
 log = logging.getLogger("bench")
@@ -68,28 +68,40 @@ class Measure:
 COPY_REQUEST = 256 * KiB
 
 
-#: The nbdcopy pairs: (key prefix, the server measured, the reference), each read and write;
-#: "serve"/"nbdkit" are ``dstfs serve`` and ``nbdkit file`` on the same tmpfs file, plain
-#: and (``-tls``) with TLS required; "export"/"memory" are the NBD rows of the main table.
+#: The nbdcopy groups: (key prefix, the servers measured, the reference), each read and
+#: write; "serve"/"serve-w2"/"nbdkit" are ``dstfs serve`` (one process, and two with
+#: ``--workers 2``) and ``nbdkit file`` on the same tmpfs file, plain and (``-tls``) with
+#: TLS required; "export"/"memory" are the NBD rows of the main table.
 COPY_PAIRS = (
-    ("copy-{}", ("serve", "dstfs serve"), ("nbdkit", "nbdkit file")),
-    ("copy-{}-tls", ("serve", "dstfs serve, TLS"), ("nbdkit", "nbdkit file, TLS")),
-    ("copy-{}-nbd", ("export", "dstfs export"), ("memory", "nbdkit memory")),
+    (
+        "copy-{}",
+        (("serve", "dstfs serve"), ("serve-w2", "dstfs serve --workers 2")),
+        ("nbdkit", "nbdkit file"),
+    ),
+    (
+        "copy-{}-tls",
+        (("serve", "dstfs serve, TLS"), ("serve-w2", "dstfs serve --workers 2, TLS")),
+        ("nbdkit", "nbdkit file, TLS"),
+    ),
+    ("copy-{}-nbd", (("export", "dstfs export"),), ("memory", "nbdkit memory")),
 )
+#: ``dstfs serve`` kinds of the copy group, and their ``--workers``.
+SERVE_WORKERS = {"serve": 1, "serve-w2": 2}
 
 
 def copy_measures() -> list[Measure]:
     ms = []
-    for prefix, (kind, title), (ref_kind, ref_title) in COPY_PAIRS:
+    for prefix, measured, (ref_kind, ref_title) in COPY_PAIRS:
         for direction in ("read", "write"):
             ref = prefix.format(f"{direction}-{ref_kind}")
-            ms.append(
-                Measure(
-                    prefix.format(f"{direction}-{kind}"),
-                    f"nbdcopy {direction}, {title}",
-                    ratio_to=ref,
+            for kind, title in measured:
+                ms.append(
+                    Measure(
+                        prefix.format(f"{direction}-{kind}"),
+                        f"nbdcopy {direction}, {title}",
+                        ratio_to=ref,
+                    )
                 )
-            )
             ms.append(Measure(ref, f"nbdcopy {direction}, {ref_title}"))
     return ms
 
@@ -141,7 +153,8 @@ class CopyServer:
     procs: list[Proc]
 
     def cpu(self) -> float | None:
-        times = [cpu_seconds(p.pid) for p in self.procs]
+        # A process's children count too: the workers of ``dstfs serve --workers N``.
+        times = [tree_cpu_seconds(p.pid) for p in self.procs]
         return None if None in times else sum(t or 0.0 for t in times)
 
 
@@ -197,7 +210,7 @@ def run_copy(env: Env, ms: dict[str, Measure]) -> None:
             pki = None  # the plain copies still run
         src = cfg.tmpfs / "copy-src.img"
         servers: dict[str, CopyServer] = {}
-        for kind in ("serve", "nbdkit"):
+        for kind in (*SERVE_WORKERS, "nbdkit"):
             path = cfg.tmpfs / f"copy-{kind}.img"
             st.callback(safe(f"remove {path}", path.unlink, True))
             fill_random(path, cfg.copy_size)
@@ -207,8 +220,9 @@ def run_copy(env: Env, ms: dict[str, Measure]) -> None:
                     continue
                 name = f"copy-{kind}{suffix}"
                 try:
-                    if kind == "serve":
-                        uri, p = env.dstfs_serve(st, name, path, None, tls=tls)
+                    if kind in SERVE_WORKERS:
+                        workers = SERVE_WORKERS[kind]
+                        uri, p = env.dstfs_serve(st, name, path, None, tls=tls, workers=workers)
                     else:
                         uri, p = env.nbdkit_file(st, name, path, tls=tls)
                 except BenchError as e:

@@ -155,6 +155,24 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a live process and of its live children (see cpu_seconds)."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            own += cpu_seconds(int(entry)) or 0.0
+    return own
+
+
 def loop_requests(dev: str, reads: bool) -> int | None:
     """Requests submitted to a block device so far, one direction (/sys/block/X/stat: completed
     plus merged, so that a merged pair counts as the two I/Os fio issued)."""
@@ -399,12 +417,15 @@ class Env:
         path: Path,
         size: int | None,
         tls: Path | None = None,
+        workers: int = 1,
     ) -> tuple[str, Proc]:
         """``dstfs serve`` on loopback TCP; with ``tls`` (a certificates directory) it
         requires TLS (``--tls-cert``/``--tls-key``) and the URI is ``nbds://``."""
         dstfs = self.require_dstfs()
         port = free_port()
         argv = [dstfs, "serve", str(path), "--listen", f"{LOOPBACK}:{port}"]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         if size is not None:
             argv += ["--size", fmt_size(size)]
         if tls is not None:
