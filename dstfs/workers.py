@@ -12,7 +12,9 @@ Rules:
   there, over all workers; a connection that passes goes, with its peer's
   name, to the worker serving the fewest (SCM_RIGHTS over a socketpair per
   worker), and is served there to its end by that worker's own NbdServer
-  (its own payload pool: PAYLOAD_MEMORY holds per worker).
+  (its own payload pool: PAYLOAD_MEMORY holds per worker). A worker out
+  of descriptors gets the peer's name without the connection (the kernel
+  closes it): it logs the refusal and tells the parent it ended.
 - Every process shares the export's one open file, so a FLUSH (fdatasync)
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
@@ -286,20 +288,24 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
     """A worker's trio run: serve what the parent hands over until the
     channel ends; then flush the export."""
     tchannel = trio.socket.from_stdlib_socket(channel)
-    ended = trio.Lock()  # one sender at a time on the channel
+    sending = trio.Lock()  # one sender at a time on the channel
+
+    async def ended() -> None:
+        """Tell the parent one connection handed here has ended."""
+        with contextlib.suppress(OSError):
+            async with sending:
+                await tchannel.send(b"e")
 
     async def serve(raw: socket.socket, peer: str) -> None:
         try:
             await server.serve_one(raw, peer)
         finally:
-            with contextlib.suppress(OSError):
-                async with ended:
-                    await tchannel.send(b"e")
+            await ended()
 
     try:
         async with trio.open_nursery() as nursery:
             while True:
-                msg, anc, _, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                msg, anc, flags, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
                 fds = [
                     fd
                     for level, kind, data in anc
@@ -309,6 +315,18 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
                 if not msg and not fds:
                     break  # the parent stops us, or is gone
                 peer = msg.decode(errors="replace")
+                if not fds:
+                    # A worker with no descriptor free gets the message but not
+                    # the connection: the kernel closed it (MSG_CTRUNC). Refused,
+                    # as accept() out of descriptors refuses in a single server;
+                    # the parent still counts it until told.
+                    server.stats.refused += 1
+                    log.error(
+                        "%s: refused: no descriptor free to take the connection%s",
+                        peer,
+                        " (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else "",
+                    )
+                    nursery.start_soon(ended)
                 for fd in fds:
                     nursery.start_soon(serve, socket.socket(fileno=fd), peer)
             log.info("stopping: the parent closed the channel")

@@ -9,6 +9,7 @@ import filecmp
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -58,13 +59,20 @@ class Served:
     """`dstfs -v serve PATH --workers N ...`, its log in PATH.log, its workers
     found under it; everything is gone when the block ends."""
 
-    def __init__(self, path: Path, workers: int, extra: list[str], unix: Path | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        workers: int,
+        extra: list[str],
+        unix: Path | None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.path, self.log = path, path.with_suffix(".log")
         self.port = None if unix else free_port()
         where = ["--unix", str(unix)] if unix else ["--listen", f"127.0.0.1:{self.port}"]
         argv = [*DSTFS, "-v", "serve", str(path), "--size", "64M", "--workers", str(workers)]
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen([*argv, *where, *extra], stderr=out)
+            self.proc = subprocess.Popen([*argv, *where, *extra], stderr=out, preexec_fn=preexec_fn)
         try:
             if unix:
                 wait_unix(unix, self.proc)
@@ -100,9 +108,13 @@ class Served:
 
 @contextlib.contextmanager
 def served(
-    tmp_path: Path, workers: int = 2, extra: tuple[str, ...] = (), unix: Path | None = None
+    tmp_path: Path,
+    workers: int = 2,
+    extra: tuple[str, ...] = (),
+    unix: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[Served]:
-    s = Served(tmp_path / "d.img", workers, list(extra), unix)
+    s = Served(tmp_path / "d.img", workers, list(extra), unix, preexec_fn)
     try:
         yield s
     finally:
@@ -233,3 +245,45 @@ def test_bad_worker_counts(tmp_path: Path, value: str) -> None:
     assert res.returncode == 2
     assert "--workers: wants a whole number from 1 to 64" in res.stderr
     assert not (tmp_path / "d.img").exists()
+
+
+def test_a_worker_out_of_descriptors_refuses_and_tells_the_parent(tmp_path: Path) -> None:
+    """A descriptor handed to a worker whose table is full is closed by the
+    kernel on the way (MSG_CTRUNC). As a single server out of descriptors
+    does, the worker logs that it refused the connection, and it tells the
+    parent the connection ended, or --max-connections would count it for
+    ever."""
+
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # a worker keeps about 12
+
+    with served(tmp_path, extra=("--max-connections", "60"), preexec_fn=few_fds) as s:
+        assert s.port is not None
+
+        def burst() -> int:
+            """Hold 60 connections at once; how many were closed unserved."""
+            held = [socket.create_connection(("127.0.0.1", s.port), 30) for _ in range(60)]
+            try:
+                return sum(not h.recv(len(GREETING), socket.MSG_WAITALL) for h in held)
+            finally:
+                for h in held:
+                    h.close()
+
+        def all_ended() -> bool:
+            text = s.text()
+            return text.count("client connected") == text.count("client disconnected")
+
+        dropped = burst()
+        assert dropped, "no connection was refused: the limit did not bite"
+        wait_for(lambda: s.text().count(": refused: ") == dropped, "every refusal logged", 20)
+        assert "no descriptor free" in s.text()
+
+        def none_over_max() -> bool:
+            """Once the last burst ended, the parent counts none of it."""
+            wait_for(all_ended, "the connections of the last burst ended")
+            before = s.text().count("(--max-connections)")
+            burst()
+            return s.text().count("(--max-connections)") == before
+
+        wait_for(none_over_max, "a burst of --max-connections with none refused", 20)
+        assert s.proc.poll() is None
