@@ -15,6 +15,8 @@ Rules:
   (its own payload pool: PAYLOAD_MEMORY holds per worker). A worker out
   of descriptors gets the peer's name without the connection (the kernel
   closes it): it logs the refusal and tells the parent it ended.
+- SIGINT and SIGTERM stop the parent cleanly from the moment it binds:
+  until its trio run receives them they wait blocked.
 - Every process shares the export's one open file, so a FLUSH (fdatasync)
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
@@ -54,6 +56,8 @@ MAX_WORKERS = 64
 #: Seconds the parent waits for stopped workers before it kills them.
 STOP_GRACE = 30.0
 _FD_SIZE = array.array("i").itemsize
+#: What stops the parent (its workers ignore them).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @attrs.define
@@ -123,7 +127,15 @@ def run_workers(
     """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
     worker's death; the exit status (0, or 1 when a worker died). OSError
     when the address cannot be bound (nothing was started)."""
-    socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+    # A stop may come as soon as the socket accepts, before the trio run
+    # can receive it (workers are forked in between): it waits blocked
+    # until then (_accept), instead of killing the parent uncleanly.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
     pool: list[_Worker] = []
     try:
         for number in range(1, workers + 1):
@@ -135,6 +147,7 @@ def run_workers(
         if unix is not None:
             with contextlib.suppress(OSError):
                 os.unlink(unix)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _stop(pool)
         cfg.backend.close()  # each worker flushed what it wrote
     return 1 if failed else 0
@@ -190,7 +203,8 @@ async def _accept(
         )
         if unix is None:
             warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one that came: now
             async for signum in signals:
                 log.info("signal %s: stopping the workers", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -270,8 +284,9 @@ class _Prefix(logging.Filter):
 
 
 def _worker_main(number: int, channel: socket.socket, cfg: WorkerConfig) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by run_workers
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Prefix(f"worker {number}: "))
     server = NbdServer(

@@ -247,6 +247,32 @@ def test_bad_worker_counts(tmp_path: Path, value: str) -> None:
     assert not (tmp_path / "d.img").exists()
 
 
+def test_sigterm_as_soon_as_it_listens_is_a_clean_stop(tmp_path: Path) -> None:
+    """A supervisor or script may stop the server as soon as its socket
+    accepts, which is before the parent's trio run can receive signals
+    (the workers are forked in between): that stop is still a clean one."""
+    unix = tmp_path / "nbd.sock"
+    log = tmp_path / "d.log"
+    argv = [*DSTFS, "-v", "serve", str(tmp_path / "d.img"), "--size", "1M", "--workers", "4"]
+    for _ in range(3):  # the window is short: try it more than once
+        with log.open("w") as out:
+            proc = subprocess.Popen([*argv, "--unix", str(unix)], stderr=out)
+        try:
+            while True:  # no sleep: the signal must come as early as it can
+                assert proc.poll() is None, log.read_text()
+                with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+                    probe.connect(str(unix))
+                    break
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "signal SIGTERM: stopping the workers" in log.read_text()
+        assert not unix.exists()
+
+
 def test_a_worker_out_of_descriptors_refuses_and_tells_the_parent(tmp_path: Path) -> None:
     """A descriptor handed to a worker whose table is full is closed by the
     kernel on the way (MSG_CTRUNC). As a single server out of descriptors
