@@ -47,7 +47,7 @@ import trio
 
 from dstfs.backends.file import FileBackend
 from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
-from dstfs.serve import warn_if_plain_text
+from dstfs.serve import bind_errors_unwrapped, warn_if_plain_text
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def run_workers(
     try:
         for number in range(1, workers + 1):
             pool.append(_fork_worker(number, cfg, socks, pool))
-        failed = trio.run(_accept, cfg, socks, pool, unix)
+        with bind_errors_unwrapped():  # an OSError in the run is one line, as for one process
+            failed = trio.run(_accept, cfg, socks, pool, unix)
     finally:
         for sock in socks:
             sock.close()
@@ -160,15 +161,17 @@ def _fork_worker(
     pid = os.fork()
     if pid == 0:  # the worker: never returns
         status = 1
+        for handler in logging.getLogger().handlers:  # first: its failure says who
+            handler.addFilter(_Prefix(f"worker {number}: "))
         try:
             parent_end.close()
             for sock in socks:
                 sock.close()
             for other in pool:
                 other.channel.close()
-            status = _worker_main(number, child_end, cfg)
+            status = _worker_main(child_end, cfg)
         except BaseException:
-            log.exception("worker %d: failed", number)
+            log.exception("failed")
         finally:
             logging.shutdown()
             os._exit(status)
@@ -283,12 +286,10 @@ class _Prefix(logging.Filter):
         return True
 
 
-def _worker_main(number: int, channel: socket.socket, cfg: WorkerConfig) -> int:
+def _worker_main(channel: socket.socket, cfg: WorkerConfig) -> int:
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by run_workers
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_Prefix(f"worker {number}: "))
     server = NbdServer(
         [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
         handshake_timeout=cfg.handshake_timeout,

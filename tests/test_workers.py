@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import os
 import random
 import re
@@ -313,3 +314,49 @@ def test_a_worker_out_of_descriptors_refuses_and_tells_the_parent(tmp_path: Path
 
         wait_for(none_over_max, "a burst of --max-connections with none refused", 20)
         assert s.proc.poll() is None
+
+
+def settled(proc: subprocess.Popen, log: Path, port: int) -> bool:
+    """Whether `proc` has exited, greets, or refuses for want of descriptors."""
+    if proc.poll() is not None or "accept failed" in log.read_text():
+        return True
+    with contextlib.suppress(OSError):
+        sock = greeted(port)
+        if sock is not None:
+            sock.close()
+            return True
+    return False
+
+
+def test_too_few_descriptors_to_start_is_one_line(tmp_path: Path) -> None:
+    """`ulimit -n` too small for the parent's trio run, or a worker's, is a
+    one-line error and exit status 1, as for a single server (no traceback
+    from the CLI); a limit that lets it start serves."""
+    argv = [*DSTFS, "-v", "serve", str(tmp_path / "d.img"), "--size", "1M", "--workers", "2"]
+    for limit in range(8, 20):
+        log, port = tmp_path / f"{limit}.log", free_port()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*argv, "--listen", f"127.0.0.1:{port}"],
+                stderr=out,
+                preexec_fn=functools.partial(
+                    resource.setrlimit, resource.RLIMIT_NOFILE, (limit, limit)
+                ),
+            )
+        try:
+            wait_for(functools.partial(settled, proc, log, port), f"ulimit -n {limit}: settled")
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(60) == 0, log.read_text()
+                return
+            text = log.read_text()
+            assert proc.returncode == 1, text
+            # A worker that failed logs its traceback; the CLI says one line.
+            assert text.splitlines()[-1].startswith("dstfs serve: cannot serve "), text
+            assert "Exception Group" not in text
+            assert not re.search(r"worker \d: worker \d:", text)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    pytest.fail("never started, even with 19 descriptors")
