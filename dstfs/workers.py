@@ -262,16 +262,17 @@ def _stop(pool: list[_Worker]) -> None:
         w.channel.close()
     deadline = time.monotonic() + STOP_GRACE
     for w in pool:
+        killed = False  # one grace for all; each one still there is killed
         while w.pid:
             pid, status = os.waitpid(w.pid, os.WNOHANG)
             if pid:
                 if status:
                     log.warning("worker %d: %s", w.number, _describe(status))
                 w.pid = 0
-            elif time.monotonic() > deadline:
+            elif not killed and time.monotonic() > deadline:
                 log.error("worker %d (pid %d): still running, killing it", w.number, w.pid)
                 os.kill(w.pid, signal.SIGKILL)
-                deadline = float("inf")
+                killed = True
             else:
                 time.sleep(0.02)
 

@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -360,3 +361,32 @@ def test_too_few_descriptors_to_start_is_one_line(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
     pytest.fail("never started, even with 19 descriptors")
+
+
+def test_stop_kills_every_worker_still_there_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_stop with two workers that do not stop (here: processes that never
+    read a channel, as a stopped or hung worker): both are killed once the
+    grace is over, not only the first (the parent then waited for ever)."""
+    from dstfs import workers
+
+    monkeypatch.setattr(workers, "STOP_GRACE", 0.2)
+    stuck = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+    pairs = [socket.socketpair() for _ in stuck]
+    pool = [
+        workers._Worker(n, p.pid, pair[0]) for n, p, pair in zip((1, 2), stuck, pairs, strict=True)
+    ]
+    stopper = threading.Thread(target=workers._stop, args=(pool,), daemon=True)
+    try:
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "_stop still waits for a worker it did not kill"
+        assert [w.pid for w in pool] == [0, 0]
+    finally:
+        for p in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        stopper.join(30)
+        for pair in pairs:
+            pair[1].close()
