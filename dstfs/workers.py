@@ -21,7 +21,8 @@ Rules:
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
 - Workers ignore SIGINT and SIGTERM (a Ctrl-C or systemd reaches the whole
-  group): they stop when their channel to the parent ends, which is how the
+  group): they stop when their channel to the parent ends (an end of file,
+  or ECONNRESET when the parent left messages unread), which is how the
   parent stops them, and what happens when the parent dies, even by
   SIGKILL. A worker that stops ends its connections, flushes the export
   and exits.
@@ -322,7 +323,10 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
     try:
         async with trio.open_nursery() as nursery:
             while True:
-                msg, anc, flags, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                try:
+                    msg, anc, flags, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                except ConnectionResetError:
+                    break  # the parent went with our word of an ended connection unread
                 fds = [
                     fd
                     for level, kind, data in anc
