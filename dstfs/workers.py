@@ -26,7 +26,8 @@ Rules:
   parent stops them, and what happens when the parent dies, even by
   SIGKILL. A worker that stops ends its connections, flushes the export
   and exits.
-- A worker that dies on its own is an error: the parent logs which one and
+- A worker that dies on its own is an error (its channel ends, with
+  ECONNRESET if it left connections unread): the parent logs which one and
   how it ended, stops the others and exits with status 1 (its clients lost
   their connections; a supervisor restarts the server).
 - Log lines from a worker start with `worker N:`.
@@ -235,9 +236,10 @@ async def _watch(
     """Count the connections `w` says have ended; its channel's end means
     the worker is gone: stop everything."""
     channel = trio.socket.from_stdlib_socket(w.channel)
-    while await channel.recv(64):
-        w.active -= 1
-        server.handed_connection_ended()
+    with contextlib.suppress(ConnectionResetError):  # it went with connections unread
+        while await channel.recv(64):
+            w.active -= 1
+            server.handed_connection_ended()
     pid, status = await trio.to_thread.run_sync(os.waitpid, w.pid, 0)
     w.pid = 0  # reaped
     log.error(

@@ -424,3 +424,30 @@ def test_workers_stop_cleanly_when_the_parent_goes_with_news_unread(tmp_path: Pa
         text = s.text()
         assert text.count("stopping: the parent closed the channel") == 2, text
         assert "Traceback" not in text
+
+
+def test_a_worker_dying_with_a_connection_unread_stops_the_server(tmp_path: Path) -> None:
+    """A worker that dies with a handed connection still unread in its
+    channel resets the parent's end (ECONNRESET, not an end of file): that
+    is a worker's death all the same, said as such, exit status 1."""
+    ss = need("ss")
+    with served(tmp_path) as s:
+        assert s.port is not None
+        for pid in s.workers:
+            os.kill(pid, signal.SIGSTOP)
+        client = socket.create_connection(("127.0.0.1", s.port), 30)
+        try:
+            wait_for(
+                lambda: any(unread_news(ss, p) for p in s.workers), "a connection waits unread"
+            )
+            victim = next(p for p in s.workers if unread_news(ss, p))
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            for pid in s.workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            client.close()
+        assert s.proc.wait(60) == 1
+        assert re.search(
+            rf"worker \d \(pid {victim}\) ended on its own \(killed by SIGKILL\)", s.text()
+        ), s.text()
