@@ -12,16 +12,22 @@ Rules:
   there, over all workers; a connection that passes goes, with its peer's
   name, to the worker serving the fewest (SCM_RIGHTS over a socketpair per
   worker), and is served there to its end by that worker's own NbdServer
-  (its own payload pool: PAYLOAD_MEMORY holds per worker).
+  (its own payload pool: PAYLOAD_MEMORY holds per worker). A worker out
+  of descriptors gets the peer's name without the connection (the kernel
+  closes it): it logs the refusal and tells the parent it ended.
+- SIGINT and SIGTERM stop the parent cleanly from the moment it binds:
+  until its trio run receives them they wait blocked.
 - Every process shares the export's one open file, so a FLUSH (fdatasync)
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
 - Workers ignore SIGINT and SIGTERM (a Ctrl-C or systemd reaches the whole
-  group): they stop when their channel to the parent ends, which is how the
+  group): they stop when their channel to the parent ends (an end of file,
+  or ECONNRESET when the parent left messages unread), which is how the
   parent stops them, and what happens when the parent dies, even by
   SIGKILL. A worker that stops ends its connections, flushes the export
   and exits.
-- A worker that dies on its own is an error: the parent logs which one and
+- A worker that dies on its own is an error (its channel ends, with
+  ECONNRESET if it left connections unread): the parent logs which one and
   how it ended, stops the others and exits with status 1 (its clients lost
   their connections; a supervisor restarts the server).
 - Log lines from a worker start with `worker N:`.
@@ -43,7 +49,7 @@ import trio
 
 from dstfs.backends.file import FileBackend
 from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
-from dstfs.serve import warn_if_plain_text
+from dstfs.serve import bind_errors_unwrapped, warn_if_plain_text
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ MAX_WORKERS = 64
 #: Seconds the parent waits for stopped workers before it kills them.
 STOP_GRACE = 30.0
 _FD_SIZE = array.array("i").itemsize
+#: What stops the parent (its workers ignore them).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @attrs.define
@@ -121,18 +129,28 @@ def run_workers(
     """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
     worker's death; the exit status (0, or 1 when a worker died). OSError
     when the address cannot be bound (nothing was started)."""
-    socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+    # A stop may come as soon as the socket accepts, before the trio run
+    # can receive it (workers are forked in between): it waits blocked
+    # until then (_accept), instead of killing the parent uncleanly.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
     pool: list[_Worker] = []
     try:
         for number in range(1, workers + 1):
             pool.append(_fork_worker(number, cfg, socks, pool))
-        failed = trio.run(_accept, cfg, socks, pool, unix)
+        with bind_errors_unwrapped():  # an OSError in the run is one line, as for one process
+            failed = trio.run(_accept, cfg, socks, pool, unix)
     finally:
         for sock in socks:
             sock.close()
         if unix is not None:
             with contextlib.suppress(OSError):
                 os.unlink(unix)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _stop(pool)
         cfg.backend.close()  # each worker flushed what it wrote
     return 1 if failed else 0
@@ -145,15 +163,17 @@ def _fork_worker(
     pid = os.fork()
     if pid == 0:  # the worker: never returns
         status = 1
+        for handler in logging.getLogger().handlers:  # first: its failure says who
+            handler.addFilter(_Prefix(f"worker {number}: "))
         try:
             parent_end.close()
             for sock in socks:
                 sock.close()
             for other in pool:
                 other.channel.close()
-            status = _worker_main(number, child_end, cfg)
+            status = _worker_main(child_end, cfg)
         except BaseException:
-            log.exception("worker %d: failed", number)
+            log.exception("failed")
         finally:
             logging.shutdown()
             os._exit(status)
@@ -188,7 +208,8 @@ async def _accept(
         )
         if unix is None:
             warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one that came: now
             async for signum in signals:
                 log.info("signal %s: stopping the workers", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -215,9 +236,10 @@ async def _watch(
     """Count the connections `w` says have ended; its channel's end means
     the worker is gone: stop everything."""
     channel = trio.socket.from_stdlib_socket(w.channel)
-    while await channel.recv(64):
-        w.active -= 1
-        server.handed_connection_ended()
+    with contextlib.suppress(ConnectionResetError):  # it went with connections unread
+        while await channel.recv(64):
+            w.active -= 1
+            server.handed_connection_ended()
     pid, status = await trio.to_thread.run_sync(os.waitpid, w.pid, 0)
     w.pid = 0  # reaped
     log.error(
@@ -243,16 +265,17 @@ def _stop(pool: list[_Worker]) -> None:
         w.channel.close()
     deadline = time.monotonic() + STOP_GRACE
     for w in pool:
+        killed = False  # one grace for all; each one still there is killed
         while w.pid:
             pid, status = os.waitpid(w.pid, os.WNOHANG)
             if pid:
                 if status:
                     log.warning("worker %d: %s", w.number, _describe(status))
                 w.pid = 0
-            elif time.monotonic() > deadline:
+            elif not killed and time.monotonic() > deadline:
                 log.error("worker %d (pid %d): still running, killing it", w.number, w.pid)
                 os.kill(w.pid, signal.SIGKILL)
-                deadline = float("inf")
+                killed = True
             else:
                 time.sleep(0.02)
 
@@ -267,11 +290,10 @@ class _Prefix(logging.Filter):
         return True
 
 
-def _worker_main(number: int, channel: socket.socket, cfg: WorkerConfig) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_Prefix(f"worker {number}: "))
+def _worker_main(channel: socket.socket, cfg: WorkerConfig) -> int:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by run_workers
     server = NbdServer(
         [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
         handshake_timeout=cfg.handshake_timeout,
@@ -286,20 +308,27 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
     """A worker's trio run: serve what the parent hands over until the
     channel ends; then flush the export."""
     tchannel = trio.socket.from_stdlib_socket(channel)
-    ended = trio.Lock()  # one sender at a time on the channel
+    sending = trio.Lock()  # one sender at a time on the channel
+
+    async def ended() -> None:
+        """Tell the parent one connection handed here has ended."""
+        with contextlib.suppress(OSError):
+            async with sending:
+                await tchannel.send(b"e")
 
     async def serve(raw: socket.socket, peer: str) -> None:
         try:
             await server.serve_one(raw, peer)
         finally:
-            with contextlib.suppress(OSError):
-                async with ended:
-                    await tchannel.send(b"e")
+            await ended()
 
     try:
         async with trio.open_nursery() as nursery:
             while True:
-                msg, anc, _, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                try:
+                    msg, anc, flags, _ = await tchannel.recvmsg(1024, socket.CMSG_SPACE(_FD_SIZE))
+                except ConnectionResetError:
+                    break  # the parent went with our word of an ended connection unread
                 fds = [
                     fd
                     for level, kind, data in anc
@@ -309,6 +338,18 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
                 if not msg and not fds:
                     break  # the parent stops us, or is gone
                 peer = msg.decode(errors="replace")
+                if not fds:
+                    # A worker with no descriptor free gets the message but not
+                    # the connection: the kernel closed it (MSG_CTRUNC). Refused,
+                    # as accept() out of descriptors refuses in a single server;
+                    # the parent still counts it until told.
+                    server.stats.refused += 1
+                    log.error(
+                        "%s: refused: no descriptor free to take the connection%s",
+                        peer,
+                        " (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else "",
+                    )
+                    nursery.start_soon(ended)
                 for fd in fds:
                     nursery.start_soon(serve, socket.socket(fileno=fd), peer)
             log.info("stopping: the parent closed the channel")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,13 +61,20 @@ class Served:
     """`dstfs -v serve PATH --workers N ...`, its log in PATH.log, its workers
     found under it; everything is gone when the block ends."""
 
-    def __init__(self, path: Path, workers: int, extra: list[str], unix: Path | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        workers: int,
+        extra: list[str],
+        unix: Path | None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.path, self.log = path, path.with_suffix(".log")
         self.port = None if unix else free_port()
         where = ["--unix", str(unix)] if unix else ["--listen", f"127.0.0.1:{self.port}"]
         argv = [*DSTFS, "-v", "serve", str(path), "--size", "64M", "--workers", str(workers)]
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen([*argv, *where, *extra], stderr=out)
+            self.proc = subprocess.Popen([*argv, *where, *extra], stderr=out, preexec_fn=preexec_fn)
         try:
             if unix:
                 wait_unix(unix, self.proc)
@@ -100,9 +110,13 @@ class Served:
 
 @contextlib.contextmanager
 def served(
-    tmp_path: Path, workers: int = 2, extra: tuple[str, ...] = (), unix: Path | None = None
+    tmp_path: Path,
+    workers: int = 2,
+    extra: tuple[str, ...] = (),
+    unix: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[Served]:
-    s = Served(tmp_path / "d.img", workers, list(extra), unix)
+    s = Served(tmp_path / "d.img", workers, list(extra), unix, preexec_fn)
     try:
         yield s
     finally:
@@ -233,3 +247,207 @@ def test_bad_worker_counts(tmp_path: Path, value: str) -> None:
     assert res.returncode == 2
     assert "--workers: wants a whole number from 1 to 64" in res.stderr
     assert not (tmp_path / "d.img").exists()
+
+
+def test_sigterm_as_soon_as_it_listens_is_a_clean_stop(tmp_path: Path) -> None:
+    """A supervisor or script may stop the server as soon as its socket
+    accepts, which is before the parent's trio run can receive signals
+    (the workers are forked in between): that stop is still a clean one."""
+    unix = tmp_path / "nbd.sock"
+    log = tmp_path / "d.log"
+    argv = [*DSTFS, "-v", "serve", str(tmp_path / "d.img"), "--size", "1M", "--workers", "4"]
+    for _ in range(2):  # the window is short: try it more than once
+        with log.open("w") as out:
+            proc = subprocess.Popen([*argv, "--unix", str(unix)], stderr=out)
+        try:
+            while True:  # the signal must come as early as it can
+                assert proc.poll() is None, log.read_text()
+                with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+                    probe.connect(str(unix))
+                    break
+                time.sleep(0.001)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "signal SIGTERM: stopping the workers" in log.read_text()
+        assert not unix.exists()
+
+
+def test_a_worker_out_of_descriptors_refuses_and_tells_the_parent(tmp_path: Path) -> None:
+    """A descriptor handed to a worker whose table is full is closed by the
+    kernel on the way (MSG_CTRUNC). As a single server out of descriptors
+    does, the worker logs that it refused the connection, and it tells the
+    parent the connection ended, or --max-connections would count it for
+    ever."""
+
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # a worker keeps about 12
+
+    with served(tmp_path, extra=("--max-connections", "60"), preexec_fn=few_fds) as s:
+        assert s.port is not None
+
+        def burst() -> int:
+            """Hold 60 connections at once; how many were closed unserved."""
+            held = [socket.create_connection(("127.0.0.1", s.port), 30) for _ in range(60)]
+            try:
+                return sum(not h.recv(len(GREETING), socket.MSG_WAITALL) for h in held)
+            finally:
+                for h in held:
+                    h.close()
+
+        def all_ended() -> bool:
+            text = s.text()
+            return text.count("client connected") == text.count("client disconnected")
+
+        dropped = burst()
+        assert dropped, "no connection was refused: the limit did not bite"
+        wait_for(lambda: s.text().count(": refused: ") == dropped, "every refusal logged", 20)
+        assert "no descriptor free" in s.text()
+
+        def none_over_max() -> bool:
+            """Once the last burst ended, the parent counts none of it."""
+            wait_for(all_ended, "the connections of the last burst ended")
+            before = s.text().count("(--max-connections)")
+            burst()
+            return s.text().count("(--max-connections)") == before
+
+        wait_for(none_over_max, "a burst of --max-connections with none refused", 20)
+        assert s.proc.poll() is None
+
+
+def settled(proc: subprocess.Popen, log: Path, port: int) -> bool:
+    """Whether `proc` has exited, greets, or refuses for want of descriptors."""
+    if proc.poll() is not None or "accept failed" in log.read_text():
+        return True
+    with contextlib.suppress(OSError):
+        sock = greeted(port)
+        if sock is not None:
+            sock.close()
+            return True
+    return False
+
+
+def test_too_few_descriptors_to_start_is_one_line(tmp_path: Path) -> None:
+    """`ulimit -n` too small for the parent's trio run, or a worker's, is a
+    one-line error and exit status 1, as for a single server (no traceback
+    from the CLI); a limit that lets it start serves."""
+    argv = [*DSTFS, "-v", "serve", str(tmp_path / "d.img"), "--size", "1M", "--workers", "2"]
+    for limit in range(8, 20):
+        log, port = tmp_path / f"{limit}.log", free_port()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*argv, "--listen", f"127.0.0.1:{port}"],
+                stderr=out,
+                preexec_fn=functools.partial(
+                    resource.setrlimit, resource.RLIMIT_NOFILE, (limit, limit)
+                ),
+            )
+        try:
+            wait_for(functools.partial(settled, proc, log, port), f"ulimit -n {limit}: settled")
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(60) == 0, log.read_text()
+                return
+            text = log.read_text()
+            assert proc.returncode == 1, text
+            # A worker that failed logs its traceback; the CLI says one line.
+            assert text.splitlines()[-1].startswith("dstfs serve: cannot serve "), text
+            assert "Exception Group" not in text
+            assert not re.search(r"worker \d: worker \d:", text)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    pytest.fail("never started, even with 19 descriptors")
+
+
+def test_stop_kills_every_worker_still_there_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_stop with two workers that do not stop (here: processes that never
+    read a channel, as a stopped or hung worker): both are killed once the
+    grace is over, not only the first (the parent then waited for ever)."""
+    from dstfs import workers
+
+    monkeypatch.setattr(workers, "STOP_GRACE", 0.2)
+    stuck = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+    pairs = [socket.socketpair() for _ in stuck]
+    pool = [
+        workers._Worker(n, p.pid, pair[0]) for n, p, pair in zip((1, 2), stuck, pairs, strict=True)
+    ]
+    stopper = threading.Thread(target=workers._stop, args=(pool,), daemon=True)
+    try:
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "_stop still waits for a worker it did not kill"
+        assert [w.pid for w in pool] == [0, 0]
+    finally:
+        for p in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        stopper.join(30)
+        for pair in pairs:
+            pair[1].close()
+
+
+def unread_news(ss: str, pid: int) -> bool:
+    """Whether a channel end of process `pid` holds a message unread (ss -x)."""
+    out = subprocess.run([ss, "-xpn"], capture_output=True, text=True, check=True).stdout
+    return any(
+        line.startswith("u_seq") and f"pid={pid}," in line and int(line.split()[2]) > 0
+        for line in out.splitlines()
+    )
+
+
+def test_workers_stop_cleanly_when_the_parent_goes_with_news_unread(tmp_path: Path) -> None:
+    """A worker's word that a connection ended may wait unread in the
+    parent's end of the channel when the parent goes (here: stopped, then
+    killed; or a connection ending during a SIGTERM). The worker then reads
+    ECONNRESET, not an end of file: the parent is gone all the same, and
+    the worker stops as it does then, not with a traceback and status 1."""
+    ss = need("ss")
+    with served(tmp_path) as s:
+        assert s.port is not None
+        sock = greeted(s.port)
+        assert sock is not None
+        s.proc.send_signal(signal.SIGSTOP)
+        try:
+            sock.close()
+            wait_for(lambda: unread_news(ss, s.proc.pid), "the word waits in the parent's channel")
+        finally:
+            s.proc.kill()
+            s.proc.wait(30)
+        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone after the parent")
+        text = s.text()
+        assert text.count("stopping: the parent closed the channel") == 2, text
+        assert "Traceback" not in text
+
+
+def test_a_worker_dying_with_a_connection_unread_stops_the_server(tmp_path: Path) -> None:
+    """A worker that dies with a handed connection still unread in its
+    channel resets the parent's end (ECONNRESET, not an end of file): that
+    is a worker's death all the same, said as such, exit status 1."""
+    ss = need("ss")
+    with served(tmp_path) as s:
+        assert s.port is not None
+        for pid in s.workers:
+            os.kill(pid, signal.SIGSTOP)
+        client = socket.create_connection(("127.0.0.1", s.port), 30)
+        try:
+            wait_for(
+                lambda: any(unread_news(ss, p) for p in s.workers), "a connection waits unread"
+            )
+            victim = next(p for p in s.workers if unread_news(ss, p))
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            for pid in s.workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            client.close()
+        assert s.proc.wait(60) == 1
+        assert re.search(
+            rf"worker \d \(pid {victim}\) ended on its own \(killed by SIGKILL\)", s.text()
+        ), s.text()
