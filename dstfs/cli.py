@@ -33,7 +33,14 @@ def setup_logging(verbose: int, debug: bool = False) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.malloc import keep_freed_memory
     from dstfs.nbd.server import check_unix_path
-    from dstfs.serve import open_export, parse_allow, parse_listen, run_server, tls_setup
+    from dstfs.serve import (
+        ServeConfig,
+        open_export,
+        parse_allow,
+        parse_listen,
+        run_server,
+        tls_setup,
+    )
 
     listen = None
     if args.unix is None:
@@ -57,38 +64,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise CliError(f"cannot export {args.path}: {e}") from None
     keep_freed_memory()
-    if args.workers > 1:
-        from dstfs.workers import WorkerConfig, run_workers
-
-        cfg = WorkerConfig(
-            backend=backend,
-            export=args.export,
-            read_only=args.read_only,
-            max_connections=args.max_connections,
-            handshake_timeout=args.handshake_timeout,
-            tls=tls,
-            tls_required=tls_required,
-            allow=allow,
-        )
-        try:
-            return run_workers(cfg, args.workers, listen, args.unix)
-        except OSError as e:
-            raise CliError(f"cannot serve {args.path}: {e}") from None
+    cfg = ServeConfig(
+        backend=backend,
+        export=args.export,
+        read_only=args.read_only,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+        tls=tls,
+        tls_required=tls_required,
+        allow=allow,
+    )
     try:
-        trio.run(
-            lambda: run_server(
-                backend,
-                listen=listen,
-                unix=args.unix,
-                export=args.export,
-                read_only=args.read_only,
-                max_connections=args.max_connections,
-                handshake_timeout=args.handshake_timeout,
-                tls=tls,
-                tls_required=tls_required,
-                allow=allow,
-            )
-        )
+        if args.workers > 1:
+            from dstfs.workers import run_workers
+
+            return run_workers(cfg, args.workers, listen, args.unix)
+        trio.run(lambda: run_server(cfg, listen=listen, unix=args.unix))
     except OSError as e:
         raise CliError(f"cannot serve {args.path}: {e}") from None
     return 0

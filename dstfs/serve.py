@@ -16,6 +16,7 @@ import signal
 import ssl
 from collections.abc import Iterator
 
+import attrs
 import trio
 
 from dstfs.backends.file import FileBackend
@@ -126,50 +127,69 @@ def open_export(path: str, size: int | None, read_only: bool) -> FileBackend:
     return backend
 
 
+@attrs.frozen
+class ServeConfig:
+    """What `dstfs serve` serves, and how: the same for one process and for
+    each of `--workers N`."""
+
+    backend: FileBackend
+    export: str = ""
+    read_only: bool = False
+    max_connections: int = 256
+    handshake_timeout: float = 10.0
+    tls: ssl.SSLContext | None = None
+    tls_required: bool = False
+    allow: list[Network] | None = None
+
+    def server(self, *, accepts: bool = True, serves: bool = True) -> NbdServer:
+        """An NbdServer of the export: one that `accepts` applies the access
+        and connection limits, one that `serves` speaks TLS."""
+        return NbdServer(
+            [Export(self.export, self.backend, read_only=self.read_only)],
+            max_connections=self.max_connections,
+            handshake_timeout=self.handshake_timeout,
+            tls=self.tls if serves else None,
+            tls_required=self.tls_required and serves,
+            allow=self.allow if accepts else None,
+        )
+
+
+async def close_export(cfg: ServeConfig) -> None:
+    """The last thing a serving process does, even when cancelled: flush
+    what it wrote, close the file."""
+    with trio.CancelScope(shield=True):
+        if not cfg.read_only:
+            try:
+                await cfg.backend.flush()
+            except OSError as e:
+                log.error("%s: final flush failed: %s", cfg.backend.path, e)
+        await cfg.backend.aclose()
+
+
 async def run_server(
-    backend: FileBackend,
+    cfg: ServeConfig,
     *,
     listen: tuple[str, int] | None,
     unix: str | None,
-    export: str,
-    read_only: bool,
-    max_connections: int = 256,
-    handshake_timeout: float = 10.0,
-    tls: ssl.SSLContext | None = None,
-    tls_required: bool = False,
-    allow: list[Network] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    server = NbdServer(
-        [Export(export, backend, read_only=read_only)],
-        max_connections=max_connections,
-        handshake_timeout=handshake_timeout,
-        tls=tls,
-        tls_required=tls_required,
-        allow=allow,
-    )
+    """`dstfs serve` in one process, until SIGINT/SIGTERM."""
+    server = cfg.server()
     try:
         with bind_errors_unwrapped():
-            await _serve(server, backend, listen, unix, export, tls_required, task_status)
+            await _serve(server, cfg, listen, unix, task_status)
     finally:
-        with trio.CancelScope(shield=True):
-            if not read_only:
-                try:
-                    await backend.flush()
-                except OSError as e:
-                    log.error("%s: final flush failed: %s", backend.path, e)
-            await backend.aclose()
+        await close_export(cfg)
 
 
 async def _serve(
     server: NbdServer,
-    backend: FileBackend,
+    cfg: ServeConfig,
     listen: tuple[str, int] | None,
     unix: str | None,
-    export: str,
-    tls_required: bool,
     task_status: trio.TaskStatus[list[trio.SocketListener]],
 ) -> None:
+    backend, export = cfg.backend, cfg.export
     async with trio.open_nursery() as nursery:
         if unix is not None:
             listeners = await nursery.start(server.serve_unix, unix)
@@ -179,7 +199,7 @@ async def _serve(
             listeners = await nursery.start(server.serve_tcp, *listen)
             addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
             log.info("serving %s as %r on %s", backend.path, export, addrs)
-            warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], tls_required)
+            warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], cfg.tls_required)
         task_status.started(listeners)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:

@@ -41,15 +41,13 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import time
 
 import attrs
 import trio
 
-from dstfs.backends.file import FileBackend
-from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
-from dstfs.serve import bind_errors_unwrapped, warn_if_plain_text
+from dstfs.nbd.server import NbdServer, check_unix_path
+from dstfs.serve import ServeConfig, bind_errors_unwrapped, close_export, warn_if_plain_text
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +107,8 @@ def bind_unix(path: str) -> socket.socket:
     return sock
 
 
-@attrs.frozen
-class WorkerConfig:
-    """What every process of `dstfs serve --workers N` serves, and how."""
-
-    backend: FileBackend
-    export: str
-    read_only: bool
-    max_connections: int
-    handshake_timeout: float
-    tls: ssl.SSLContext | None
-    tls_required: bool
-    allow: list[Network] | None
-
-
 def run_workers(
-    cfg: WorkerConfig, workers: int, listen: tuple[str, int] | None, unix: str | None
+    cfg: ServeConfig, workers: int, listen: tuple[str, int] | None, unix: str | None
 ) -> int:
     """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
     worker's death; the exit status (0, or 1 when a worker died). OSError
@@ -157,7 +141,7 @@ def run_workers(
 
 
 def _fork_worker(
-    number: int, cfg: WorkerConfig, socks: list[socket.socket], pool: list[_Worker]
+    number: int, cfg: ServeConfig, socks: list[socket.socket], pool: list[_Worker]
 ) -> _Worker:
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -183,14 +167,10 @@ def _fork_worker(
 
 
 async def _accept(
-    cfg: WorkerConfig, socks: list[socket.socket], pool: list[_Worker], unix: str | None
+    cfg: ServeConfig, socks: list[socket.socket], pool: list[_Worker], unix: str | None
 ) -> bool:
     """The parent's trio run: True when a worker died."""
-    server = NbdServer(
-        [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
-        max_connections=cfg.max_connections,
-        allow=cfg.allow,
-    )
+    server = cfg.server(serves=False)
     server.hand_off = lambda raw, peer: _hand_off(pool, raw, peer)
     died: list[_Worker] = []
     async with trio.open_nursery() as nursery:
@@ -290,21 +270,16 @@ class _Prefix(logging.Filter):
         return True
 
 
-def _worker_main(channel: socket.socket, cfg: WorkerConfig) -> int:
+def _worker_main(channel: socket.socket, cfg: ServeConfig) -> int:
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by run_workers
-    server = NbdServer(
-        [Export(cfg.export, cfg.backend, read_only=cfg.read_only)],
-        handshake_timeout=cfg.handshake_timeout,
-        tls=cfg.tls,
-        tls_required=cfg.tls_required,
-    )
+    server = cfg.server(accepts=False)
     trio.run(_serve_handed, server, channel, cfg)
     return 0
 
 
-async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerConfig) -> None:
+async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: ServeConfig) -> None:
     """A worker's trio run: serve what the parent hands over until the
     channel ends; then flush the export."""
     tchannel = trio.socket.from_stdlib_socket(channel)
@@ -355,10 +330,4 @@ async def _serve_handed(server: NbdServer, channel: socket.socket, cfg: WorkerCo
             log.info("stopping: the parent closed the channel")
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            if not cfg.read_only:
-                try:
-                    await cfg.backend.flush()
-                except OSError as e:
-                    log.error("%s: final flush failed: %s", cfg.backend.path, e)
-            await cfg.backend.aclose()
+        await close_export(cfg)
