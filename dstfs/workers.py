@@ -29,7 +29,10 @@ Rules:
 - A worker that dies on its own is an error (its channel ends, with
   ECONNRESET if it left connections unread): the parent logs which one and
   how it ended, stops the others and exits with status 1 (its clients lost
-  their connections; a supervisor restarts the server).
+  their connections; a supervisor restarts the server). So does a stop that
+  had to kill a worker after STOP_GRACE (it may not have flushed).
+- A connection goes to the next least busy worker when one cannot take it
+  (its channel full: stopped, or far behind); refused only when none can.
 - Log lines from a worker start with `worker N:`.
 """
 
@@ -111,7 +114,8 @@ def run_workers(
     cfg: ServeConfig, workers: int, listen: tuple[str, int] | None, unix: str | None
 ) -> int:
     """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
-    worker's death; the exit status (0, or 1 when a worker died). OSError
+    worker's death; the exit status (0, or 1 when a worker died or had to
+    be killed at the stop, so it may not have flushed). OSError
     when the address cannot be bound (nothing was started)."""
     # A stop may come as soon as the socket accepts, before the trio run
     # can receive it (workers are forked in between): it waits blocked
@@ -123,6 +127,7 @@ def run_workers(
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise
     pool: list[_Worker] = []
+    failed = unclean = False
     try:
         for number in range(1, workers + 1):
             pool.append(_fork_worker(number, cfg, socks, pool))
@@ -135,9 +140,9 @@ def run_workers(
             with contextlib.suppress(OSError):
                 os.unlink(unix)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        _stop(pool)
+        unclean = not _stop(pool)
         cfg.backend.close()  # each worker flushed what it wrote
-    return 1 if failed else 0
+    return 1 if failed or unclean else 0
 
 
 def _fork_worker(
@@ -198,16 +203,19 @@ async def _accept(
 
 
 def _hand_off(pool: list[_Worker], raw: socket.socket, peer: str) -> bool:
-    """Send `raw` to the worker serving the fewest connections."""
-    w = min(pool, key=lambda w: w.active)
+    """Send `raw` to the worker serving the fewest connections that takes
+    it; False when none does."""
     fds = array.array("i", [raw.fileno()])
-    try:
-        w.channel.sendmsg([peer.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-    except OSError as e:  # BlockingIOError: the worker stopped reading its channel
-        log.error("%s: refused: worker %d cannot take it: %s", peer, w.number, e.strerror or e)
-        return False
-    w.active += 1
-    return True
+    for w in sorted(pool, key=lambda w: w.active):  # stable: the lowest number on a tie
+        try:
+            w.channel.sendmsg([peer.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError as e:  # BlockingIOError: the worker stopped reading its channel
+            log.warning("%s: worker %d cannot take it: %s", peer, w.number, e.strerror or e)
+            continue
+        w.active += 1
+        return True
+    log.error("%s: refused: no worker takes it", peer)
+    return False
 
 
 async def _watch(
@@ -238,9 +246,11 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _stop(pool: list[_Worker]) -> None:
+def _stop(pool: list[_Worker]) -> bool:
     """Close every channel (the workers' signal to stop) and reap them;
-    SIGKILL for one that is still there after STOP_GRACE."""
+    SIGKILL for one that is still there after STOP_GRACE. True when every
+    worker ended by itself with status 0."""
+    clean = True
     for w in pool:
         w.channel.close()
     deadline = time.monotonic() + STOP_GRACE
@@ -251,6 +261,7 @@ def _stop(pool: list[_Worker]) -> None:
             if pid:
                 if status:
                     log.warning("worker %d: %s", w.number, _describe(status))
+                    clean = False
                 w.pid = 0
             elif not killed and time.monotonic() > deadline:
                 log.error("worker %d (pid %d): still running, killing it", w.number, w.pid)
@@ -258,6 +269,7 @@ def _stop(pool: list[_Worker]) -> None:
                 killed = True
             else:
                 time.sleep(0.02)
+    return clean
 
 
 class _Prefix(logging.Filter):

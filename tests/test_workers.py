@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -378,12 +379,14 @@ def test_stop_kills_every_worker_still_there_after_the_grace(
     pool = [
         workers._Worker(n, p.pid, pair[0]) for n, p, pair in zip((1, 2), stuck, pairs, strict=True)
     ]
-    stopper = threading.Thread(target=workers._stop, args=(pool,), daemon=True)
+    clean: list[bool] = []
+    stopper = threading.Thread(target=lambda: clean.append(workers._stop(pool)), daemon=True)
     try:
         stopper.start()
         stopper.join(20)
         assert not stopper.is_alive(), "_stop still waits for a worker it did not kill"
         assert [w.pid for w in pool] == [0, 0]
+        assert clean == [False]  # killed: they may not have flushed, so exit status 1
     finally:
         for p in stuck:
             with contextlib.suppress(ProcessLookupError):
@@ -451,3 +454,33 @@ def test_a_worker_dying_with_a_connection_unread_stops_the_server(tmp_path: Path
         assert re.search(
             rf"worker \d \(pid {victim}\) ended on its own \(killed by SIGKILL\)", s.text()
         ), s.text()
+
+
+def test_hand_off_goes_to_the_next_worker_when_one_cannot_take_it() -> None:
+    """A worker whose channel is full (stopped, or far behind) does not cost
+    the client its connection: the next least busy worker gets it; only
+    when none can take it is it refused."""
+    from dstfs import workers
+
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    try:
+        pool = [workers._Worker(n, 0, pair[0]) for n, pair in zip((1, 2), pairs, strict=True)]
+        for w in pool:
+            w.channel.setblocking(False)
+        with socket.socket() as raw:
+            with contextlib.suppress(BlockingIOError):
+                while True:  # worker 1, the least busy, never reads
+                    pool[0].channel.send(b"x")
+            assert workers._hand_off(pool, raw, "192.0.2.7:1234")
+            assert (pool[0].active, pool[1].active) == (0, 1)
+            msg, anc, _, _ = pairs[1][1].recvmsg(64, socket.CMSG_SPACE(4))
+            assert msg == b"192.0.2.7:1234" and anc and anc[0][1] == socket.SCM_RIGHTS
+            os.close(int.from_bytes(anc[0][2][:4], sys.byteorder))  # the copy it carried
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    pool[1].channel.send(b"x")
+            assert not workers._hand_off(pool, raw, "192.0.2.7:1235")
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
