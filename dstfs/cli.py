@@ -9,6 +9,7 @@ way round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -35,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.nbd.server import check_unix_path
     from dstfs.serve import (
         ServeConfig,
+        bound,
         open_export,
         parse_allow,
         parse_listen,
@@ -53,35 +55,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow = [parse_allow(a) for a in args.allow] if args.allow else None
     except ValueError as e:
         raise CliError(str(e)) from None
-    if args.unix is not None:
-        try:
-            check_unix_path(args.unix)  # before PATH is created (bad input changes nothing)
-        except OSError as e:
-            raise CliError(f"--unix {e.strerror}") from None
     try:
         size = parse_size(args.size) if args.size else None
-        backend = open_export(args.path, size, args.read_only)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         raise CliError(f"cannot export {args.path}: {e}") from None
-    keep_freed_memory()
-    cfg = ServeConfig(
-        backend=backend,
-        export=args.export,
-        read_only=args.read_only,
-        max_connections=args.max_connections,
-        handshake_timeout=args.handshake_timeout,
-        tls=tls,
-        tls_required=tls_required,
-        allow=allow,
-    )
-    try:
-        if args.workers > 1:
-            from dstfs.workers import run_workers
+    if args.unix is not None:
+        try:
+            check_unix_path(args.unix)
+        except OSError as e:
+            raise CliError(f"--unix {e.strerror}") from None
+    # The address first: one that cannot be bound leaves no file created.
+    with contextlib.ExitStack() as stack:
+        try:
+            socks = stack.enter_context(bound(listen, args.unix))
+        except OSError as e:
+            raise CliError(f"cannot serve {args.path}: {e}") from None
+        try:
+            backend = open_export(args.path, size, args.read_only)
+        except (ValueError, OSError) as e:
+            raise CliError(f"cannot export {args.path}: {e}") from None
+        keep_freed_memory()
+        cfg = ServeConfig(
+            backend=backend,
+            export=args.export,
+            read_only=args.read_only,
+            max_connections=args.max_connections,
+            handshake_timeout=args.handshake_timeout,
+            tls=tls,
+            tls_required=tls_required,
+            allow=allow,
+        )
+        try:
+            if args.workers > 1:
+                from dstfs.workers import run_workers
 
-            return run_workers(cfg, args.workers, listen, args.unix)
-        trio.run(lambda: run_server(cfg, listen=listen, unix=args.unix))
-    except OSError as e:
-        raise CliError(f"cannot serve {args.path}: {e}") from None
+                return run_workers(cfg, args.workers, socks)
+            trio.run(lambda: run_server(cfg, socks))
+        except OSError as e:
+            raise CliError(f"cannot serve {args.path}: {e}") from None
     return 0
 
 

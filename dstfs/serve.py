@@ -2,7 +2,11 @@
 
 Rules: the access options (`--tls*`, `--allow`) are checked before anything
 listens, a bad one is a ValueError for the CLI; a server that may talk plain
-text on an address other than loopback says so in its log at start.
+text on an address other than loopback says so in its log at start. The
+address is bound before the export is opened or created (`bound`), so an
+address that cannot be bound changes nothing; one process or `--workers N`
+(dstfs/workers.py) then serve on the same bound sockets, with the same
+`ServeConfig`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Iterator
 
@@ -20,7 +25,7 @@ import attrs
 import trio
 
 from dstfs.backends.file import FileBackend
-from dstfs.nbd.server import Export, NbdServer, Network
+from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
 from dstfs.nbd.tls import describe_ssl_error, server_context
 
 log = logging.getLogger(__name__)
@@ -166,43 +171,100 @@ async def close_export(cfg: ServeConfig) -> None:
         await cfg.backend.aclose()
 
 
+#: What stops `dstfs serve` cleanly.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def bound(listen: tuple[str, int] | None, unix: str | None) -> Iterator[list[socket.socket]]:
+    """The listening sockets of `dstfs serve`, bound before the export is
+    opened (a bad address creates no file) and before any trio run (the
+    workers are forked after). STOP_SIGNALS wait blocked from the bind
+    until a trio run receives them (it unblocks them): a stop that comes
+    as soon as the socket accepts is still a clean one. On the way out the
+    sockets close, a unix socket's path goes and the signal mask is back.
+    OSError when the address cannot be bound."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
+        try:
+            yield socks
+        finally:
+            for sock in socks:
+                sock.close()
+            if unix is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(unix)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (as
+    trio.open_tcp_listeners binds them), without trio."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at `path`, taken over only from a stale
+    socket (check_unix_path)."""
+    check_unix_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def run_server(
     cfg: ServeConfig,
+    socks: list[socket.socket],
     *,
-    listen: tuple[str, int] | None,
-    unix: str | None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`dstfs serve` in one process, until SIGINT/SIGTERM."""
+    """`dstfs serve` in one process on `socks` (see `bound`), until
+    SIGINT/SIGTERM."""
     server = cfg.server()
     try:
-        with bind_errors_unwrapped():
-            await _serve(server, cfg, listen, unix, task_status)
+        async with trio.open_nursery() as nursery:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+            await nursery.start(server.serve_listeners, listeners)
+            log.info("serving %s as %r on %s", cfg.backend.path, cfg.export, where(socks))
+            if socks[0].family != socket.AF_UNIX:
+                warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
+            task_status.started(listeners)
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came: now
+                async for signum in signals:
+                    log.info("signal %s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
     finally:
         await close_export(cfg)
 
 
-async def _serve(
-    server: NbdServer,
-    cfg: ServeConfig,
-    listen: tuple[str, int] | None,
-    unix: str | None,
-    task_status: trio.TaskStatus[list[trio.SocketListener]],
-) -> None:
-    backend, export = cfg.backend, cfg.export
-    async with trio.open_nursery() as nursery:
-        if unix is not None:
-            listeners = await nursery.start(server.serve_unix, unix)
-            log.info("serving %s as %r on unix:%s", backend.path, export, unix)
-        else:
-            assert listen is not None
-            listeners = await nursery.start(server.serve_tcp, *listen)
-            addrs = ", ".join(str(lst.socket.getsockname()[:2]) for lst in listeners)
-            log.info("serving %s as %r on %s", backend.path, export, addrs)
-            warn_if_plain_text([lst.socket.getsockname()[0] for lst in listeners], cfg.tls_required)
-        task_status.started(listeners)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("signal %s: stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+def where(socks: list[socket.socket]) -> str:
+    """The addresses of listening sockets, for the log."""
+    if socks[0].family == socket.AF_UNIX:
+        return f"unix:{socks[0].getsockname()}"
+    return ", ".join(str(s.getsockname()[:2]) for s in socks)

@@ -6,17 +6,17 @@ not lift it: they share the GIL, and a worker thread that decrypted large
 payloads doubled the CPU per request (bench/RESULTS.md). Processes do.
 
 Rules:
-- The parent binds before anything else runs (no trio run and no thread
-  exists yet, so nothing half made crosses fork()), forks the workers, and
-  from then on only accepts. `--allow` and `--max-connections` are applied
+- The parent has bound (serve.bound) before anything else ran (no trio run
+  and no thread exists yet, so nothing half made crosses fork()), forks
+  the workers, and from then on only accepts. `--allow` and `--max-connections` are applied
   there, over all workers; a connection that passes goes, with its peer's
   name, to the worker serving the fewest (SCM_RIGHTS over a socketpair per
   worker), and is served there to its end by that worker's own NbdServer
   (its own payload pool: PAYLOAD_MEMORY holds per worker). A worker out
   of descriptors gets the peer's name without the connection (the kernel
   closes it): it logs the refusal and tells the parent it ended.
-- SIGINT and SIGTERM stop the parent cleanly from the moment it binds:
-  until its trio run receives them they wait blocked.
+- SIGINT and SIGTERM stop the parent cleanly from the moment it binds
+  (serve.bound blocks them until its trio run receives them).
 - Every process shares the export's one open file, so a FLUSH (fdatasync)
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
@@ -49,8 +49,15 @@ import time
 import attrs
 import trio
 
-from dstfs.nbd.server import NbdServer, check_unix_path
-from dstfs.serve import ServeConfig, bind_errors_unwrapped, close_export, warn_if_plain_text
+from dstfs.nbd.server import NbdServer
+from dstfs.serve import (
+    STOP_SIGNALS,
+    ServeConfig,
+    bind_errors_unwrapped,
+    close_export,
+    warn_if_plain_text,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,6 @@ MAX_WORKERS = 64
 #: Seconds the parent waits for stopped workers before it kills them.
 STOP_GRACE = 30.0
 _FD_SIZE = array.array("i").itemsize
-#: What stops the parent (its workers ignore them).
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @attrs.define
@@ -73,73 +78,20 @@ class _Worker:
     active: int = 0
 
 
-def bind_tcp(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address `host` resolves to (as
-    trio.open_tcp_listeners binds them), without trio."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    try:
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at `path`, taken over only from a stale
-    socket (check_unix_path)."""
-    check_unix_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def run_workers(
-    cfg: ServeConfig, workers: int, listen: tuple[str, int] | None, unix: str | None
-) -> int:
-    """Bind, fork `workers` workers, accept until SIGINT/SIGTERM or a
+def run_workers(cfg: ServeConfig, workers: int, socks: list[socket.socket]) -> int:
+    """Fork `workers` workers, accept on `socks` (see serve.bound) until SIGINT/SIGTERM or a
     worker's death; the exit status (0, or 1 when a worker died or had to
-    be killed at the stop, so it may not have flushed). OSError
-    when the address cannot be bound (nothing was started)."""
-    # A stop may come as soon as the socket accepts, before the trio run
-    # can receive it (workers are forked in between): it waits blocked
-    # until then (_accept), instead of killing the parent uncleanly.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        socks = [bind_unix(unix)] if unix is not None else bind_tcp(*listen)  # type: ignore[misc]
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise
+    be killed at the stop, so it may not have flushed)."""
     pool: list[_Worker] = []
     failed = unclean = False
     try:
         for number in range(1, workers + 1):
             pool.append(_fork_worker(number, cfg, socks, pool))
         with bind_errors_unwrapped():  # an OSError in the run is one line, as for one process
-            failed = trio.run(_accept, cfg, socks, pool, unix)
+            failed = trio.run(_accept, cfg, socks, pool)
     finally:
         for sock in socks:
-            sock.close()
-        if unix is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(unix)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            sock.close()  # no connection comes that no one takes
         unclean = not _stop(pool)
         cfg.backend.close()  # each worker flushed what it wrote
     return 1 if failed or unclean else 0
@@ -171,9 +123,7 @@ def _fork_worker(
     return _Worker(number, pid, parent_end)
 
 
-async def _accept(
-    cfg: ServeConfig, socks: list[socket.socket], pool: list[_Worker], unix: str | None
-) -> bool:
+async def _accept(cfg: ServeConfig, socks: list[socket.socket], pool: list[_Worker]) -> bool:
     """The parent's trio run: True when a worker died."""
     server = cfg.server(serves=False)
     server.hand_off = lambda raw, peer: _hand_off(pool, raw, peer)
@@ -183,18 +133,17 @@ async def _accept(
             nursery.start_soon(_watch, w, server, died, nursery.cancel_scope)
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
         await nursery.start(server.serve_listeners, listeners)
-        where = f"unix:{unix}" if unix else ", ".join(str(s.getsockname()[:2]) for s in socks)
         log.info(
             "serving %s as %r on %s with %d workers",
             cfg.backend.path,
             cfg.export,
-            where,
+            where(socks),
             len(pool),
         )
-        if unix is None:
+        if socks[0].family != socket.AF_UNIX:
             warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
-        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one that came: now
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came: now
             async for signum in signals:
                 log.info("signal %s: stopping the workers", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -283,9 +232,9 @@ class _Prefix(logging.Filter):
 
 
 def _worker_main(channel: socket.socket, cfg: ServeConfig) -> int:
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by run_workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by serve.bound
     server = cfg.server(accepts=False)
     trio.run(_serve_handed, server, channel, cfg)
     return 0

@@ -484,3 +484,29 @@ def test_hand_off_goes_to_the_next_worker_when_one_cannot_take_it() -> None:
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_address_that_cannot_be_bound_creates_no_file(tmp_path: Path, workers: str) -> None:
+    """Bad input changes nothing: the address is bound before `--size`
+    creates the export, so a busy port or a unix socket in a missing
+    directory is one line and no new file, with one process or several."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for where in (
+            ["--listen", f"127.0.0.1:{port}"],
+            ["--unix", str(tmp_path / "no-such-dir" / "nbd.sock")],
+        ):
+            img = tmp_path / "new.img"
+            res = subprocess.run(
+                [*DSTFS, "serve", str(img), "--size", "1M", "--workers", workers, *where],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert res.returncode == 1, res.stderr
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("dstfs serve: cannot serve "), lines
+            assert not img.exists()
