@@ -244,23 +244,38 @@ async def run_server(
 ) -> None:
     """`dstfs serve` in one process on `socks` (see `bound`), until
     SIGINT/SIGTERM."""
-    server = cfg.server()
     try:
-        async with trio.open_nursery() as nursery:
-            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
-            await nursery.start(server.serve_listeners, listeners)
-            log.info("serving %s as %r on %s", cfg.backend.path, cfg.export, where(socks))
-            if socks[0].family != socket.AF_UNIX:
-                warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
-            task_status.started(listeners)
-            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came: now
-                async for signum in signals:
-                    log.info("signal %s: stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+        await accept_until_stopped(cfg.server(), cfg, socks, task_status=task_status)
     finally:
         await close_export(cfg)
+
+
+async def accept_until_stopped(
+    server: NbdServer,
+    cfg: ServeConfig,
+    socks: list[socket.socket],
+    *,
+    how: str = "",
+    stopping: str = "stopping",
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on `socks` with `server` until SIGINT/SIGTERM: one process's
+    serving, or `--workers`' parent handing out (`how` ends its line saying
+    so, `stopping` says what a stop does).
+    Takes the stop signals that `bound` blocked."""
+    async with trio.open_nursery() as nursery:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+        await nursery.start(server.serve_listeners, listeners)
+        log.info("serving %s as %r on %s%s", cfg.backend.path, cfg.export, where(socks), how)
+        if socks[0].family != socket.AF_UNIX:
+            warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
+        task_status.started(listeners)
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came: now
+            async for signum in signals:
+                log.info("signal %s: %s", signal.Signals(signum).name, stopping)
+                nursery.cancel_scope.cancel()
+                break
 
 
 def where(socks: list[socket.socket]) -> str:

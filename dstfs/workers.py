@@ -53,10 +53,9 @@ from dstfs.nbd.server import NbdServer
 from dstfs.serve import (
     STOP_SIGNALS,
     ServeConfig,
+    accept_until_stopped,
     bind_errors_unwrapped,
     close_export,
-    warn_if_plain_text,
-    where,
 )
 
 log = logging.getLogger(__name__)
@@ -131,23 +130,9 @@ async def _accept(cfg: ServeConfig, socks: list[socket.socket], pool: list[_Work
     async with trio.open_nursery() as nursery:
         for w in pool:
             nursery.start_soon(_watch, w, server, died, nursery.cancel_scope)
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
-        await nursery.start(server.serve_listeners, listeners)
-        log.info(
-            "serving %s as %r on %s with %d workers",
-            cfg.backend.path,
-            cfg.export,
-            where(socks),
-            len(pool),
-        )
-        if socks[0].family != socket.AF_UNIX:
-            warn_if_plain_text([s.getsockname()[0] for s in socks], cfg.tls_required)
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came: now
-            async for signum in signals:
-                log.info("signal %s: stopping the workers", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        how, stopping = f" with {len(pool)} workers", "stopping the workers"
+        await accept_until_stopped(server, cfg, socks, how=how, stopping=stopping)
+        nursery.cancel_scope.cancel()  # the watchers: a stop is no worker's death
     return bool(died)
 
 
