@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"cannot export {args.path}: {e}") from None
     if args.unix is not None:
         try:
-            check_unix_path(args.unix)
+            check_unix_path(args.unix)  # bound() checks again; this says which option
         except OSError as e:
             raise CliError(f"--unix {e.strerror}") from None
     # The address first: one that cannot be bound leaves no file created.

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from dstfs.backends.file import FileBackend
-from dstfs.nbd.server import Export, NbdServer, Network, check_unix_path
+from dstfs.nbd.server import Export, NbdServer, Network, bind_tcp, bind_unix
 from dstfs.nbd.tls import describe_ssl_error, server_context
 
 log = logging.getLogger(__name__)
@@ -197,43 +197,6 @@ def bound(listen: tuple[str, int] | None, unix: str | None) -> Iterator[list[soc
                     os.unlink(unix)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def bind_tcp(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address `host` resolves to (as
-    trio.open_tcp_listeners binds them), without trio."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    try:
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at `path`, taken over only from a stale
-    socket (check_unix_path)."""
-    check_unix_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def run_server(

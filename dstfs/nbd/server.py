@@ -268,12 +268,7 @@ class NbdServer:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        check_unix_path(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket: check_unix_path said so
-        await sock.bind(path)
-        sock.listen(128)
+        sock = trio.socket.from_stdlib_socket(bind_unix(path))
         try:
             await self.serve_listeners([trio.SocketListener(sock)], task_status=task_status)
         finally:
@@ -437,6 +432,43 @@ def check_unix_path(path: str) -> None:
         except OSError:
             return  # nobody listens: a leftover, safe to replace
     raise OSError(errno.EADDRINUSE, f"{path}: a server already listens there")
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (as
+    trio.open_tcp_listeners binds them), without trio."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at `path`, taken over only from a stale
+    socket (check_unix_path)."""
+    check_unix_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket: check_unix_path said so
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _peer_name(family: int, addr: object) -> str:
