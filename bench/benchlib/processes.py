@@ -143,16 +143,25 @@ def vm_hwm_mib(pid: int) -> float | None:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (utime + stime, every thread's, dead threads included) of a live process."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and
+    parentheses: split after its last ')'), or None for a process that is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = text[text.rindex(")") + 2 :].split()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _cpu(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (utime + stime, every thread's, dead threads included) of a live process."""
+    fields = _stat(pid)
+    return None if fields is None else _cpu(fields)
 
 
 def tree_cpu_seconds(pid: int) -> float | None:
@@ -161,15 +170,10 @@ def tree_cpu_seconds(pid: int) -> float | None:
     if own is None:
         return None
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            own += cpu_seconds(int(entry)) or 0.0
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None and int(fields[1]) == pid:
+                own += _cpu(fields)
     return own
 
 
