@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 from helpers.certs import client_dir
+from helpers.load import wait_for
 from helpers.procs import DSTFS, free_port, need, wait_port, wait_unix
 
+from dstfs.commands import process_alive
 from dstfs.nbd.client import open_client
 
 MiB = 1024 * 1024
@@ -40,22 +42,6 @@ def children(pid: int) -> list[int]:
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                     kids.append(int(entry))
     return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 class Served:
@@ -105,7 +91,7 @@ class Served:
                 self.proc.wait()
         for pid in kids:
             with contextlib.suppress(ProcessLookupError):
-                if alive(pid):
+                if process_alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
 
@@ -214,7 +200,7 @@ def test_sigterm_stops_every_process_and_removes_the_socket(tmp_path: Path) -> N
     with served(tmp_path, unix=unix) as s:
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(60) == 0
-        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone")
+        wait_for(lambda: not any(process_alive(p) for p in s.workers), "workers gone")
         assert not unix.exists()
         assert s.text().count("stopping: the parent closed the channel") == 2
 
@@ -223,7 +209,9 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
     with served(tmp_path) as s:
         s.proc.kill()
         s.proc.wait(30)
-        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone after the parent")
+        wait_for(
+            lambda: not any(process_alive(p) for p in s.workers), "workers gone after the parent"
+        )
 
 
 def test_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
@@ -231,7 +219,7 @@ def test_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
         victim, other = s.workers
         os.kill(victim, signal.SIGKILL)
         assert s.proc.wait(60) == 1
-        wait_for(lambda: not alive(other), "the other worker gone")
+        wait_for(lambda: not process_alive(other), "the other worker gone")
         assert re.search(
             rf"worker \d \(pid {victim}\) ended on its own \(killed by SIGKILL\)", s.text()
         )
@@ -423,7 +411,9 @@ def test_workers_stop_cleanly_when_the_parent_goes_with_news_unread(tmp_path: Pa
         finally:
             s.proc.kill()
             s.proc.wait(30)
-        wait_for(lambda: not any(alive(p) for p in s.workers), "workers gone after the parent")
+        wait_for(
+            lambda: not any(process_alive(p) for p in s.workers), "workers gone after the parent"
+        )
         text = s.text()
         assert text.count("stopping: the parent closed the channel") == 2, text
         assert "Traceback" not in text
