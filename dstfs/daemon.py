@@ -14,7 +14,7 @@ Rules:
 - A node entry's saved `timeout` is applied when the node is opened.
 - The control tree is also served on STATE/control.sock (`dstfs.ctlsock`),
   mounted or not; without FUSE (`--no-fuse`) it is the only way in, and its
-  `stop` request ends the daemon like SIGTERM. A no-fuse daemon has no
+  `stop` request ends the daemon like SIGTERM (SIGINT and SIGHUP do too). A no-fuse daemon has no
   registry entry: the state dir's lock alone keeps it unique.
 - `--export` servers listen before readiness is reported (a failed bind is
   the mount's failure) and stop before the array is closed, so no request
@@ -257,7 +257,8 @@ def _unreachable(e: OSError) -> bool:
 
 
 async def _stop_on_signal(stop: Callable[[], object]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a --foreground daemon whose terminal closes unmounts cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %s: stopping", signal.Signals(signum).name)
             stop()

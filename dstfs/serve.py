@@ -1,4 +1,4 @@
-"""`dstfs serve`: export a file or block device over NBD until SIGINT/SIGTERM.
+"""`dstfs serve`: export a file or block device over NBD until SIGINT/SIGTERM/SIGHUP.
 
 Rules: the access options (`--tls*`, `--allow`) are checked before anything
 listens, a bad one is a ValueError for the CLI; a server that may talk plain
@@ -171,8 +171,9 @@ async def close_export(cfg: ServeConfig) -> None:
         await cfg.backend.aclose()
 
 
-#: What stops `dstfs serve` cleanly.
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: What stops `dstfs serve` cleanly. SIGHUP too: a terminal that closes
+#: must not kill a server that has not flushed (nbdkit does the same).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager
@@ -206,7 +207,7 @@ async def run_server(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`dstfs serve` in one process on `socks` (see `bound`), until
-    SIGINT/SIGTERM."""
+    a STOP_SIGNAL."""
     try:
         await accept_until_stopped(cfg.server(), cfg, socks, task_status=task_status)
     finally:
@@ -222,7 +223,7 @@ async def accept_until_stopped(
     stopping: str = "stopping",
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on `socks` with `server` until SIGINT/SIGTERM: one process's
+    """Accept on `socks` with `server` until a STOP_SIGNAL: one process's
     serving, or `--workers`' parent handing out (`how` ends its line saying
     so, `stopping` says what a stop does).
     Takes the stop signals that `bound` blocked."""

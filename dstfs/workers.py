@@ -15,12 +15,12 @@ Rules:
   (its own payload pool: PAYLOAD_MEMORY holds per worker). A worker out
   of descriptors gets the peer's name without the connection (the kernel
   closes it): it logs the refusal and tells the parent it ended.
-- SIGINT and SIGTERM stop the parent cleanly from the moment it binds
+- SIGINT, SIGTERM and SIGHUP stop the parent cleanly from the moment it binds
   (serve.bound blocks them until its trio run receives them).
 - Every process shares the export's one open file, so a FLUSH (fdatasync)
   on any connection covers the writes completed by every worker, and
   CAN_MULTI_CONN still holds.
-- Workers ignore SIGINT and SIGTERM (a Ctrl-C or systemd reaches the whole
+- Workers ignore those signals (a Ctrl-C, a hangup or systemd reaches the whole
   group): they stop when their channel to the parent ends (an end of file,
   or ECONNRESET when the parent left messages unread), which is how the
   parent stops them, and what happens when the parent dies, even by
@@ -78,7 +78,7 @@ class _Worker:
 
 
 def run_workers(cfg: ServeConfig, workers: int, socks: list[socket.socket]) -> int:
-    """Fork `workers` workers, accept on `socks` (see serve.bound) until SIGINT/SIGTERM or a
+    """Fork `workers` workers, accept on `socks` (see serve.bound) until a stop signal or a
     worker's death; the exit status (0, or 1 when a worker died or had to
     be killed at the stop, so it may not have flushed)."""
     pool: list[_Worker] = []

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from helpers.load import wait_for
 from helpers.mounts import (
     _subreaper,
     daemon_pid,
@@ -23,7 +25,7 @@ from helpers.mounts import (
     new_dir,
     teardown,
 )
-from helpers.procs import dstfs, free_port
+from helpers.procs import DSTFS, dstfs, free_port
 
 MiB = 1 << 20
 
@@ -289,3 +291,38 @@ def test_mount_with_the_state_dir_under_the_mount_point_is_one_line(tmp_path: Pa
     assert "under the mount point" in one_line(res)
     assert not is_mounted(mnt)
     assert not (mnt / "state").exists()
+
+
+def test_a_hangup_unmounts_a_foreground_daemon_cleanly(tmp_path: Path) -> None:
+    """A closed terminal sends SIGHUP to `dstfs mount --foreground`: it stops
+    as on SIGTERM (written data reaches the node, the mount goes), instead of
+    dying with its FUSE mount left dead."""
+    a = node_file(tmp_path)
+    mnt = new_dir(tmp_path, "mnt")
+    argv = mount_cmd(mnt, tmp_path / "state", [f"file://{a}"], extra=["--foreground"])
+    argv.insert(len(DSTFS), "-v")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, "mounted")
+        assert proc.poll() is None
+        data = os.urandom(64 * 1024)
+        fd = os.open(mnt / "disk.img", os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, MiB)
+        finally:
+            os.close(fd)
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert b"signal SIGHUP: stopping" in err
+        assert not is_mounted(mnt)
+        with a.open("rb") as f:
+            f.seek(MiB)
+            assert f.read(len(data)) == data
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        teardown(mnt)

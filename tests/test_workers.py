@@ -1,6 +1,6 @@
 """`dstfs serve --workers N` as users run it: a real process tree, real
 clients (nbdcopy over TLS, the dstfs client, raw sockets), and the ways it
-ends: SIGTERM, the parent killed, a worker killed."""
+ends: SIGTERM, SIGHUP, the parent killed, a worker killed."""
 
 from __future__ import annotations
 
@@ -203,6 +203,38 @@ def test_sigterm_stops_every_process_and_removes_the_socket(tmp_path: Path) -> N
         wait_for(lambda: not any(process_alive(p) for p in s.workers), "workers gone")
         assert not unix.exists()
         assert s.text().count("stopping: the parent closed the channel") == 2
+
+
+def test_a_hangup_of_the_whole_group_is_a_clean_stop(tmp_path: Path) -> None:
+    """A closing terminal sends SIGHUP to every process of the group: the
+    parent stops its workers as on SIGTERM, and no worker dies of it."""
+    unix = tmp_path / "nbd.sock"
+    with served(tmp_path, unix=unix, preexec_fn=os.setsid) as s:
+        os.killpg(s.proc.pid, signal.SIGHUP)
+        assert s.proc.wait(60) == 0, s.text()
+        wait_for(lambda: not any(process_alive(p) for p in s.workers), "workers gone")
+        assert not unix.exists()
+        assert "signal SIGHUP: stopping the workers" in s.text()
+        assert s.text().count("stopping: the parent closed the channel") == 2
+        assert "ended on its own" not in s.text()
+
+
+def test_a_hangup_stops_one_process_cleanly(tmp_path: Path) -> None:
+    unix = tmp_path / "nbd.sock"
+    log = tmp_path / "d.log"
+    argv = [*DSTFS, "-v", "serve", str(tmp_path / "d.img"), "--size", "1M", "--unix", str(unix)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stderr=out, start_new_session=True)
+    try:
+        wait_unix(unix, proc)
+        os.killpg(proc.pid, signal.SIGHUP)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "signal SIGHUP: stopping" in log.read_text()
+    assert not unix.exists()
 
 
 def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
