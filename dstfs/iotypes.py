@@ -31,6 +31,11 @@ class ConnectionLost(OSError):
     def __init__(self, message: str) -> None:
         super().__init__(errno.ECONNRESET, message)
 
+    def __str__(self) -> str:
+        # The message says what broke ("...: send failed: Broken pipe"); an
+        # "[Errno 104]" before it would name a reset that may not have been one.
+        return self.strerror
+
 
 class NotRetryable(OSError):
     """A connection attempt failed in a way that trying again will not heal

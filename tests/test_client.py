@@ -479,3 +479,22 @@ async def test_aclose_sends_disc_to_nbdkit(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert "client sent NBD_CMD_DISC" in log.read_text(errors="replace")
+
+
+async def test_a_client_gone_is_logged_in_words_without_an_errno(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """"client gone" says what broke; it once read "[Errno 104] ...: Broken
+    pipe", a reset that was not one."""
+    caplog.set_level(logging.INFO, logger="dstfs.nbd.server")
+    async with dstfs_server(tmp_path) as (uri, server, _, _):
+        port = int(uri.rsplit(":", 1)[1])
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        greeting = b""
+        while len(greeting) < 18:
+            greeting += await sock.receive_some(18 - len(greeting))
+        await sock.aclose()
+        await poll(lambda: server.stats.active == 0)
+    gone = [r.getMessage() for r in caplog.records if "client gone" in r.getMessage()]
+    assert len(gone) == 1, gone
+    assert "closed by the peer" in gone[0] and "Errno" not in gone[0], gone
