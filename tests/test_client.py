@@ -484,8 +484,8 @@ async def test_aclose_sends_disc_to_nbdkit(tmp_path: Path) -> None:
 async def test_a_client_gone_is_logged_in_words_without_an_errno(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """"client gone" says what broke; it once read "[Errno 104] ...: Broken
-    pipe", a reset that was not one."""
+    """The "client gone" line says what broke; it once read "[Errno 104]
+    ...: Broken pipe", a reset that was not one."""
     caplog.set_level(logging.INFO, logger="dstfs.nbd.server")
     async with dstfs_server(tmp_path) as (uri, server, _, _):
         port = int(uri.rsplit(":", 1)[1])
