@@ -453,6 +453,21 @@ def test_rep_and_reply_type_error_bits() -> None:
     assert [reply_type_is_error(t) for t in (0, 1, 2, 5, 0x8001, 0x8002)] == [0, 0, 0, 0, 1, 1]
 
 
+def test_error_messages_are_cut_to_the_spec_string_length_at_a_character() -> None:
+    """Strings SHOULD be at most 256 bytes (MUST 4096): a message quoting a
+    long export name is cut, never in the middle of a UTF-8 character."""
+    server = server_in_options()
+    long = "\u00e9" * 3000  # 6000 bytes
+    wire = server.option_reply(6, Rep.ERR_UNKNOWN, long.encode())
+    magic, option, reply, length = struct.unpack(">QIII", wire[:20])
+    assert magic == OPTION_REPLY_MAGIC
+    assert (option, reply) == (6, 0x80000006) and length == len(wire) - 20 <= 256
+    assert wire[20:].decode("utf-8").startswith("\u00e9" * 100)
+    assert server.option_reply(6, Rep.ERR_UNKNOWN, b"short") == rep(6, 0x80000006, b"short")
+    error, message = decode_error_chunk_payload(encode_error_chunk_payload(5, long))
+    assert error == 5 and len(message.encode()) <= 256 and set(message) <= {"\u00e9", "."}
+
+
 def test_client_may_send_another_option_after_a_final_error_reply() -> None:
     client = client_in_options()
     client.option(Opt.GO, GO_DISK)

@@ -12,6 +12,8 @@ Rules of this module:
   stored (a too big WRITE is reported once its payload has gone past). A
   WRITE payload's buffer comes from the server's `alloc`, which may say "not
   now": decoding then pauses with `payload_wanted` set (back-pressure).
+- Error messages we send (option error replies, error chunks) are cut to
+  MAX_MESSAGE bytes at a UTF-8 character boundary: the spec's strings.
 - A violation of the protocol raises `ProtocolError`; the caller must drop
   the connection (the spec allows a hard disconnect for it).
 - Payloads (READ replies on the client, WRITE requests on the server) are
@@ -47,6 +49,9 @@ DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 MAX_OPTION_DATA = 64 * 1024
 #: The spec's limit on strings (export names, descriptions).
 MAX_STRING = 4096
+#: The length the spec says strings SHOULD keep to; what our error messages
+#: are cut to (one that quotes a 4096-byte name would break the limit).
+MAX_MESSAGE = 256
 
 
 class HandshakeFlag(enum.IntFlag):
@@ -454,8 +459,18 @@ def decode_block_status_payload(payload: bytes) -> tuple[int, list[tuple[int, in
     return context_id, extents
 
 
+def message_bytes(message: str | bytes) -> bytes:
+    """An error message as the spec's string: at most MAX_MESSAGE bytes of
+    UTF-8, cut at a character boundary (libnbd drops a server whose
+    message is over 4096 bytes)."""
+    raw = message.encode() if isinstance(message, str) else bytes(message)
+    if len(raw) <= MAX_MESSAGE:
+        return raw
+    return raw[: MAX_MESSAGE - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
 def encode_error_chunk_payload(error: int, message: str = "") -> bytes:
-    raw = message.encode()[:MAX_STRING]
+    raw = message_bytes(message)
     return _ERROR_CHUNK.pack(error, len(raw)) + raw
 
 
@@ -791,6 +806,8 @@ class ServerConnection(_Decoder):
                 self.structured_replies = True
             elif opt == Opt.ABORT:
                 self.phase = _Phase.CLOSED
+        elif rep_is_error(rep):
+            data = message_bytes(data)  # an error's data is its message
         return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data
 
     def export_name_reply(self, size: int, flags: int) -> bytes:
