@@ -537,7 +537,7 @@ class _Socket:
         try:
             self.client = ControlClient(path)
         except ControlSocketError as e:
-            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
                 raise CliError(f"{state_dir}: no dstfs daemon runs on this state dir") from None
             raise CliError(e.strerror or str(e)) from None
 

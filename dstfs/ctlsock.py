@@ -194,7 +194,10 @@ class ControlClient:
 
     def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.path = path
-        dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:  # no such state dir, or not a directory
+            raise ControlSocketError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:

@@ -326,3 +326,17 @@ def test_a_hangup_unmounts_a_foreground_daemon_cleanly(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         teardown(mnt)
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["suspend", "n-0"]])
+def test_an_array_command_on_a_state_dir_that_is_not_one_is_one_line(
+    tmp_path: Path, what: str, command: list[str]
+) -> None:
+    """--state naming nothing, or a file, was a FileNotFoundError traceback."""
+    state = tmp_path / "state"
+    if what == "file":
+        state.write_text("")
+    res = dstfs(command[0], "--state", str(state), *command[1:])
+    assert "no dstfs daemon runs on this state dir" in one_line(res)
+    assert res.returncode == 1 and res.stdout == ""
