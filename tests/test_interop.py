@@ -517,7 +517,7 @@ CONFORMANCE = {
     },
     "error-codes": {
         "trim_past_end": "EINVAL",
-        "zero_past_end": "EINVAL",
+        "zero_past_end": "ENOSPC",  # the spec's SHOULD, as nbdkit does
         "cache_past_end": "EINVAL",
         "write_past_end": "ENOSPC",
         "fast_zero": "EINVAL",

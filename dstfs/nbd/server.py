@@ -40,9 +40,9 @@ Rules:
   in flight with it, whichever arrived first. The spec lets a server answer
   requests in flight together in any order; a client that needs a given
   order waits for one reply before it sends the other request.
-- A request the server will not do (past the end: ENOSPC for WRITE, EINVAL
-  otherwise; too big; flags not valid for the command; on a read-only
-  export; unknown command) gets an NBD error reply; a protocol violation
+- A request the server will not do (past the end: ENOSPC for WRITE and
+  WRITE_ZEROES, EINVAL otherwise; too big; flags not valid for the
+  command; on a read-only export; unknown command) gets an NBD error reply; a protocol violation
   (bad magic, unknown client flags) drops that connection only. The server
   never crashes for a client, and keeps serving the others.
 - TLS (NBD_OPT_STARTTLS) when the server has a TLS context: `tls_required`
@@ -823,7 +823,9 @@ class _Session:
             return True
         if cmd in (C.READ, C.WRITE, C.TRIM, C.WRITE_ZEROES, C.CACHE, C.BLOCK_STATUS):
             if req.offset + req.length > size:
-                err = errno.ENOSPC if cmd == C.WRITE else errno.EINVAL
+                # The spec's codes (nbdkit's too): no room for a write,
+                # a bad argument for a read, trim, cache or status.
+                err = errno.ENOSPC if cmd in (C.WRITE, C.WRITE_ZEROES) else errno.EINVAL
                 self._error(req, err, f"request past the end of the {size}-byte export")
                 return True
             if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):
