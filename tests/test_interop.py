@@ -78,6 +78,30 @@ def test_nbdinfo_list_and_read_only(tmp_path: Path) -> None:
         assert bad.returncode != 0
 
 
+def test_a_read_only_export_is_mapped_and_copied(tmp_path: Path) -> None:
+    """Block status is a read: nbdinfo --map and qemu-img map and convert
+    (which ask it first) work on --read-only (they got EPERM)."""
+    need("nbdinfo")
+    need("qemu-img")
+    path = tmp_path / "d.img"
+    with path.open("wb") as f:  # data, a 2 MiB hole, data
+        f.write(b"d" * MiB)
+        f.seek(3 * MiB)
+        f.write(b"e" * MiB)
+    with dstfs_server(path, extra=["--read-only"]) as (uri, _):
+        extents = json.loads(output("nbdinfo", "--map", "--json", uri))
+        assert [(e["offset"], e["length"], e["type"]) for e in extents] == [
+            (0, MiB, 0),
+            (MiB, 2 * MiB, 3),
+            (3 * MiB, MiB, 0),
+        ]
+        mapped = json.loads(output("qemu-img", "map", "-f", "raw", "--output=json", uri))
+        assert [m["data"] for m in mapped] == [True, False, True]
+        out = tmp_path / "out.raw"
+        output("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+    assert out.read_bytes() == path.read_bytes()
+
+
 def test_nbdcopy_in_and_out(tmp_path: Path) -> None:
     need("nbdcopy")
     src, exported, out = tmp_path / "src.bin", tmp_path / "export.img", tmp_path / "out.bin"

@@ -831,7 +831,9 @@ class _Session:
             if req.length > P.MAX_PAYLOAD and cmd in (C.READ, C.WRITE):
                 self._error(req, errno.EINVAL, f"request of {req.length} bytes is too big")
                 return True
-            if export.read_only and cmd != C.READ and cmd != C.CACHE:
+            # Only what changes the export is refused: READ, CACHE and
+            # BLOCK_STATUS read (qemu-img convert asks block status first).
+            if export.read_only and cmd not in (C.READ, C.CACHE, C.BLOCK_STATUS):
                 self._error(req, errno.EPERM, "export is read-only")
                 return True
         backend = export.backend
