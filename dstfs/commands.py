@@ -677,12 +677,16 @@ def _watch(where: _Where, interval: float) -> int:
 
 #: Files `status --json` leaves out: the disk, and metrics (its own format).
 _NOT_JSON = {"disk.img", "metrics"}
+#: Files that are text whatever they hold: an array named `007` is "007",
+#: not the number 7.
+_TEXT = {"name", "alg", "nodes", "type", "target", "state", "migrate", "sync_action"}
 
 
 def _tree_json(where: _Where, rel: str = "") -> dict[str, object]:
     """Every readable file of the control tree under `rel`: numbers as
-    numbers, `stats` files as objects of numbers, `jobs` as a list of lines;
-    write-only files are left out."""
+    numbers (but names, URIs and states always as text), `stats` files as
+    objects of numbers, `jobs` as a list of lines; write-only files are
+    left out."""
     out: dict[str, object] = {}
     for entry in where.list(rel):
         name = entry.rstrip("/")
@@ -699,6 +703,8 @@ def _tree_json(where: _Where, rel: str = "") -> dict[str, object]:
             out[name] = _stats(text)
         elif name == "jobs":
             out[name] = text.splitlines()
+        elif name in _TEXT:
+            out[name] = text
         else:
             out[name] = _scalar(text)
     return out

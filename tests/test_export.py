@@ -512,3 +512,31 @@ def test_an_export_address_in_use_or_a_file_fails_the_mount_and_is_left_alone(
         tcp.bind(("127.0.0.1", 0))
         tcp.listen(1)
         mount_exporting(f"127.0.0.1:{tcp.getsockname()[1]}", "cannot export: .*in use")
+
+
+def test_status_for_scripts_keeps_names_as_text_and_stops_quietly_on_a_closed_pipe(
+    tmp_path: Path,
+) -> None:
+    """`status --json` gave an array named 007 as the number 7 (1.50 as
+    1.5); `dstfs status | head -1` ended in a BrokenPipeError traceback."""
+    state, sock = tmp_path / "st", tmp_path / "e.sock"
+    nodes = node_files(tmp_path, 1, 8 * MiB)
+    with no_fuse(state, nodes, [f"unix:{sock}"], extra=["--name", "007"]) as res:
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(sh(*DSTFS, "status", "--state", str(state), "--json").stdout)
+        assert doc["name"] == "007" and doc["size"] == 8 * MiB // 512
+        assert doc["n-0"]["target"] == f"file://{nodes[0]}" and doc["n-0"]["timeout"] == 30
+        for args in (["--json"], []):
+            # A reader that is gone before anything is written (`| head`
+            # that has seen enough): EPIPE on the first write.
+            r, w = os.pipe()
+            os.close(r)
+            with os.fdopen(w, "wb") as gone:
+                res = subprocess.run(
+                    [*DSTFS, "status", "--state", str(state), *args],
+                    stdout=gone,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    timeout=60,
+                )
+            assert res.stderr == "" and res.returncode == 141  # as a tool SIGPIPE ends
