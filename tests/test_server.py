@@ -914,6 +914,27 @@ async def test_set_meta_context_refused_then_go(
     assert (await r.go())["size"] == SIZE
 
 
+@pytest.mark.parametrize("failing", [meta_query("nope", "base:allocation"), b"garbage"])
+async def test_a_failed_set_meta_context_drops_the_earlier_selection(
+    srv: Srv, failing: bytes
+) -> None:
+    """SET_META_CONTEXT replaces what was selected, even when it fails (the
+    spec): BLOCK_STATUS after it is EINVAL (it was answered)."""
+    r = await Raw.connect(srv.port)
+    await r.greet()
+    await r.option(OPT_STRUCTURED)
+    assert await r.opt_reply(OPT_STRUCTURED) == (REP_ACK, b"")
+    await r.option(OPT_SET_META, meta_query("", "base:allocation"))
+    assert [rep for rep, _ in await meta_replies(r, OPT_SET_META)] == [REP_META_CONTEXT, REP_ACK]
+    await r.option(OPT_SET_META, failing)
+    assert (await r.opt_reply(OPT_SET_META))[0] in (REP_ERR_INVALID, 0x80000006)
+    await r.go()
+    await r.request(CMD_BLOCK_STATUS, 1, 0, 4096)
+    flags, type_, cookie, payload = await chunk(r)
+    assert (flags, type_, cookie) == (1, 0x8001, 1)  # a final ERROR chunk
+    assert struct.unpack_from(">I", payload)[0] == 22
+
+
 async def test_block_status_of_a_sparse_file(srv: Srv) -> None:
     """Holes are HOLE|ZERO (3), data 0; REQ_ONE gives one extent; without a
     selected context, or past the end, EINVAL (as an error chunk)."""

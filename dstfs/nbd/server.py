@@ -753,6 +753,8 @@ class _Session:
         """LIST answers which contexts match the queries (all with none);
         SET selects the matching ones for the export GO will name."""
         selecting = opt == P.Opt.SET_META_CONTEXT
+        if selecting:  # replaces what was selected, even when it fails (the spec)
+            self.meta_export, self.meta_id = None, None
         if selecting and not self.conn.structured_replies:
             await self._reply(opt, P.Rep.ERR_INVALID, b"negotiate structured replies first")
             return
@@ -761,7 +763,7 @@ class _Session:
             return
         name, export, queries = found
         if selecting:
-            self.meta_export, self.meta_id = name, None
+            self.meta_export = name
             wanted = P.BASE_ALLOCATION in queries
         else:  # LIST: no query lists everything; "base:" a whole namespace
             wanted = not queries or any(q in ("base:", P.BASE_ALLOCATION) for q in queries)
