@@ -35,6 +35,7 @@ def setup_logging(verbose: int, debug: bool = False) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.malloc import keep_freed_memory
+    from dstfs.nbd.protocol import MAX_STRING
     from dstfs.nbd.server import check_unix_path
     from dstfs.serve import (
         ServeConfig,
@@ -46,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_setup,
     )
 
+    if len(args.export.encode()) > MAX_STRING:
+        raise CliError(f"--export NAME is {len(args.export.encode())} bytes: NBD allows 4096")
     listen = None
     if args.unix is None:
         try:

@@ -540,3 +540,21 @@ def test_status_for_scripts_keeps_names_as_text_and_stops_quietly_on_a_closed_pi
                     timeout=60,
                 )
             assert res.stderr == "" and res.returncode == 141  # as a tool SIGPIPE ends
+
+
+def test_an_array_with_a_long_name_is_still_reachable_over_nbd(tmp_path: Path) -> None:
+    """The export's description is "dstfs NAME": for a name of 4200 bytes it
+    went over the spec's 4096, and nbdinfo (libnbd) dropped the server."""
+    need("nbdinfo")
+    state, sock = tmp_path / "st", tmp_path / "e.sock"
+    name = "\u00e9" * 2100
+    nodes = node_files(tmp_path, 1, 8 * MiB)
+    with no_fuse(state, nodes, [f"unix:{sock}"], extra=["--name", name]) as res:
+        assert res.returncode == 0, res.stderr
+        uri = f"nbd+unix:///?socket={sock}"
+        (export,) = json.loads(sh("nbdinfo", "--json", uri).stdout)["exports"]
+        assert export["export-size"] == 8 * MiB
+        assert f"dstfs {name}".startswith(export["description"].removesuffix("..."))
+        assert len(export["description"].encode()) <= 256
+        (listed,) = json.loads(sh("nbdinfo", "--list", "--json", uri).stdout)["exports"]
+        assert listed["export-name"] == "" and listed["description"] == export["description"]

@@ -509,6 +509,7 @@ def test_plain_text_warning(caplog) -> None:
         (["--tls", "off", "--tls-cert", "x"], "--tls off takes no"),
         (["--allow", "nope"], "--allow wants ADDR[/PREFIX]"),
         (["--allow", "10.0.0.0/33"], "--allow wants"),
+        (["--export", "x" * 4097], "--export NAME is 4097 bytes: NBD allows 4096"),
     ],
 )
 def test_bad_serve_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

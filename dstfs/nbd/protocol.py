@@ -12,8 +12,8 @@ Rules of this module:
   stored (a too big WRITE is reported once its payload has gone past). A
   WRITE payload's buffer comes from the server's `alloc`, which may say "not
   now": decoding then pauses with `payload_wanted` set (back-pressure).
-- Error messages we send (option error replies, error chunks) are cut to
-  MAX_MESSAGE bytes at a UTF-8 character boundary: the spec's strings.
+- Error messages and export descriptions we send are cut to MAX_MESSAGE
+  bytes at a UTF-8 character boundary: the spec's strings.
 - A violation of the protocol raises `ProtocolError`; the caller must drop
   the connection (the spec allows a hard disconnect for it).
 - Payloads (READ replies on the client, WRITE requests on the server) are
@@ -327,12 +327,13 @@ def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 
 
 def encode_info_string(kind: int, text: str) -> bytes:
-    return _U16.pack(kind) + text.encode()
+    raw = message_bytes(text) if kind == Info.DESCRIPTION else text.encode()
+    return _U16.pack(kind) + raw
 
 
 def encode_rep_server(name: str, description: str = "") -> bytes:
     raw = name.encode()
-    return _U32.pack(len(raw)) + raw + description.encode()
+    return _U32.pack(len(raw)) + raw + message_bytes(description)
 
 
 def decode_rep_server(data: bytes) -> tuple[str, str]:
@@ -460,9 +461,9 @@ def decode_block_status_payload(payload: bytes) -> tuple[int, list[tuple[int, in
 
 
 def message_bytes(message: str | bytes) -> bytes:
-    """An error message as the spec's string: at most MAX_MESSAGE bytes of
-    UTF-8, cut at a character boundary (libnbd drops a server whose
-    message is over 4096 bytes)."""
+    """An error message or a description as the spec's string: at most
+    MAX_MESSAGE bytes of UTF-8, cut at a character boundary (libnbd drops
+    a server whose string is over 4096 bytes)."""
     raw = message.encode() if isinstance(message, str) else bytes(message)
     if len(raw) <= MAX_MESSAGE:
         return raw
