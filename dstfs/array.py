@@ -369,17 +369,18 @@ class Array:
 
         await _all(partial(self.nodes[e.node].write, e.node_offset, piece(e)) for e in extents)
 
-    async def write_zeroes(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
         """Zeroes over [offset, offset+length) (each node punches or writes
-        them as it can); also what a TRIM of the disk does."""
+        them as it can, or only writes them if not `may_trim`: NBD's
+        NO_HOLE); also what a TRIM of the disk does."""
         if offset < 0 or length < 0 or offset + length > self.alg.size:
             raise OSError(errno.EINVAL, "write_zeroes outside the disk")
         try:
             if self.replicas is not None:
-                await self.replicas.write_zeroes(offset, length)
+                await self.replicas.write_zeroes(offset, length, may_trim)
             else:
                 await _all(
-                    partial(self.nodes[e.node].write_zeroes, e.node_offset, e.length)
+                    partial(self.nodes[e.node].write_zeroes, e.node_offset, e.length, may_trim)
                     for e in self.alg.map(offset, length, write=True)
                 )
         except OSError:

@@ -5,7 +5,8 @@ Rules:
   disk.img: the same map, suspend, migration, mirror and failover rules.
 - FLUSH and FUA reach every node (Array.flush); TRIM and WRITE_ZEROES both
   become zeroes on every node that holds the range, so replicas of a mirror
-  read the same afterwards.
+  read the same afterwards; WRITE_ZEROES with NO_HOLE stays NO_HOLE on the
+  nodes (allocated, never punched).
 - Block status is passed through where the array is one node, or a mirror,
   and that node (the first in-sync replica) answers it; otherwise the export
   does not offer it.
@@ -245,7 +246,8 @@ class ArrayBackend(BackendBase):
         await self.array.write_zeroes(offset, length)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
-        await self.array.write_zeroes(offset, length)
+        # NO_HOLE (may_trim False) reaches the nodes: the range stays allocated.
+        await self.array.write_zeroes(offset, length, may_trim)
 
     def _status_node(self):  # type: ignore[no-untyped-def]
         a = self.array

@@ -261,8 +261,10 @@ class Node:
             "block_status", offset, length, lambda b: b.block_status(offset, length)
         )
 
-    async def write_zeroes(self, offset: int, length: int) -> None:
-        await self._call("write_zeroes", offset, length, lambda b: b.write_zeroes(offset, length))
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        await self._call(
+            "write_zeroes", offset, length, lambda b: b.write_zeroes(offset, length, may_trim)
+        )
         self.stats.writes += 1
 
     async def _call(

@@ -453,10 +453,10 @@ class ReplicaSet:
     async def write(self, offset: int, data: Buffer) -> None:
         await self._update(offset, len(data), lambda node: node.write(offset, data))
 
-    async def write_zeroes(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
         """Zeroes on every replica (also what a TRIM does here: replicas
         must read the same afterwards)."""
-        await self._update(offset, length, lambda node: node.write_zeroes(offset, length))
+        await self._update(offset, length, lambda node: node.write_zeroes(offset, length, may_trim))
 
     async def _update(
         self, offset: int, length: int, op: Callable[[Node], Awaitable[None]]

@@ -558,3 +558,41 @@ def test_an_array_with_a_long_name_is_still_reachable_over_nbd(tmp_path: Path) -
         assert len(export["description"].encode()) <= 256
         (listed,) = json.loads(sh("nbdinfo", "--list", "--json", uri).stdout)["exports"]
         assert listed["export-name"] == "" and listed["description"] == export["description"]
+
+
+def _allocated(path: str, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) of `path` is all data, no hole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) == offset and (
+            os.lseek(fd, offset, os.SEEK_HOLE) >= offset + length
+        )
+    except OSError:  # ENXIO: nothing but a hole from there
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("alg", ["linear", "mirror"])
+def test_write_zeroes_with_no_hole_through_the_export_leaves_the_nodes_allocated(
+    tmp_path: Path, alg: str
+) -> None:
+    """NO_HOLE: the range MUST stay provisioned (the spec). The export
+    dropped the flag, and the file nodes punched holes."""
+    need("qemu-io")
+    state, sock = tmp_path / "st", tmp_path / "e.sock"
+    nodes = node_files(tmp_path, 2, 8 * MiB)
+    with no_fuse(state, nodes, [f"unix:{sock}"], extra=["--alg", alg]) as res:
+        assert res.returncode == 0, res.stderr
+        uri = f"nbd+unix:///?socket={sock}"
+        # qemu sends WRITE_ZEROES with NO_HOLE unless told it may unmap (-u).
+        sh("qemu-io", "-f", "raw", uri, "-c", "write -P 7 0 4M", "-c", "write -z 0 1M")
+        sh("qemu-io", "-f", "raw", uri, "-c", "write -z -u 2M 1M", "-c", "read -P 0 0 1M")
+        sh("qemu-io", "-f", "raw", uri, "-c", "read -P 0 2M 1M", "-c", "read -P 7 1M 1M")
+        sh(*DSTFS, "umount", "--state", str(state))  # flushed, files final
+    written = nodes if alg == "mirror" else nodes[:1]
+    for node in written:
+        assert _allocated(node, 0, MiB), f"NO_HOLE zeroes punched in {node}"
+        assert not _allocated(node, 2 * MiB, MiB), f"zeroes that may trim were not in {node}"
+        with open(node, "rb") as f:
+            assert f.read(MiB) == bytes(MiB)
