@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 
@@ -189,8 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # some other pipe: a real error
         # The reader went (`dstfs status --json | head`): stop quietly, as
         # a tool killed by SIGPIPE would (status 141), and keep Python from
         # complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether nothing reads stdout any more (the write end of a pipe whose
+    reader closed polls as POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
