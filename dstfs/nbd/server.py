@@ -42,9 +42,10 @@ Rules:
   order waits for one reply before it sends the other request.
 - A request the server will not do (past the end: ENOSPC for WRITE and
   WRITE_ZEROES, EINVAL otherwise; too big; flags not valid for the
-  command; on a read-only export; unknown command) gets an NBD error reply; a protocol violation
-  (bad magic, unknown client flags) drops that connection only. The server
-  never crashes for a client, and keeps serving the others.
+  command; a change to a read-only export; unknown command) gets an NBD
+  error reply; a protocol violation (bad magic, unknown client flags)
+  drops that connection only. The server never crashes for a client, and
+  keeps serving the others.
 - TLS (NBD_OPT_STARTTLS) when the server has a TLS context: `tls_required`
   is the spec's FORCEDTLS (every option but STARTTLS and ABORT gets
   NBD_REP_ERR_TLS_REQD before TLS, EXPORT_NAME closes the connection),
