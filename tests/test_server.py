@@ -1150,3 +1150,40 @@ def test_dstfs_serve_unix_refuses_a_file_or_a_live_socket(tmp_path: Path, what: 
         assert not (tmp_path / "d.img").exists()
     finally:
         other.close()
+
+
+async def test_unread_read_replies_are_bounded_over_all_connections(slow) -> None:
+    """Clients that pipeline large READs and never read the replies: the READ
+    data the server holds over all connections stays within its read memory
+    (it was bounded per connection only: 16 such clients held ~1 GiB of the
+    array daemon), and a client that reads nothing for the stall time is
+    dropped, so a well-behaved one is then served."""
+    srv, backend = slow
+    backend.file_slice = lambda offset, length: None  # bytes, as the array answers
+    server = srv.server
+    server.read_memory.cap = 4 * MiB
+    server.reply_stall = 2.0
+    tracing = tracemalloc.is_tracing()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        greedy = []
+        for _ in range(4):
+            r = await srv.raw()
+            for i in range(64):  # offset 0 would wait for the backend's gate
+                await r.request(CMD_READ, i, (i % 32 + 1) * MiB, MiB)
+            greedy.append(r)
+        with trio.fail_after(60):
+            await trio.testing.wait_all_tasks_blocked(0.2)  # every sender is stuck
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    # The cap, plus what the kernel's socket buffers took off the server.
+    assert held < 4 * MiB + 2 * MiB, f"{held / MiB:.1f} MiB held"
+    await poll(lambda: server.stats.active == 0)  # each dropped for its stall
+    assert server.read_memory.used == 0
+    for r in greedy:
+        await r.until_closed()
+    good = await srv.raw()
+    assert await good.call(CMD_READ, MiB, 4 * KiB) == (0, bytes(4 * KiB))

@@ -19,7 +19,12 @@ Rules:
     IN_FLIGHT_BYTES of payload and read data (one request of any size when
     none is in flight); past either the reader stops reading, so memory
     stays bounded per connection. A payload buffer goes back to the pool
-    when its request's task is done.
+    when its request's task is done. READ data is also bounded over all
+    connections (READ_MEMORY, one READ of any size when none holds any):
+    it is held from the READ's start until its reply has reached the
+    kernel, so clients that do not read their replies cannot make the
+    server hold more; one that reads nothing for REPLY_STALL seconds while
+    a reply waits is dropped, and what it held goes back.
   Either way FLUSH and FUA writes, which wait on the disk, run as their own
   tasks (at most MAX_DURABLE) so requests behind them go on, and replies
   may leave out of order. On NBD_CMD_DISC every reply still owed (every
@@ -64,6 +69,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -101,6 +107,13 @@ PAYLOAD_MEMORY = 256 << 20
 #: Seconds a large WRITE payload (which holds reserved memory) may make no
 #: progress before its connection is dropped.
 PAYLOAD_STALL = 30.0
+#: Bytes of READ data held at once over all connections by a backend that
+#: serves concurrently (the array), from the READ's start until its reply
+#: has been sent; more READs wait.
+READ_MEMORY = 256 << 20
+#: Seconds a client may read nothing while a reply waits to be sent before
+#: its connection is dropped (the replies it left unread hold memory).
+REPLY_STALL = 30.0
 #: accept() failing for want of descriptors or memory: first pause, longest pause.
 ACCEPT_BACKOFF = (0.05, 1.0)
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -176,6 +189,8 @@ class NbdServer:
         max_connections: int = MAX_CONNECTIONS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         payload_memory: int = PAYLOAD_MEMORY,
+        read_memory: int = READ_MEMORY,
+        reply_stall: float = REPLY_STALL,
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
         allow: Sequence[Network] | None = None,
@@ -195,6 +210,9 @@ class NbdServer:
         #: Connections waiting for payload memory, served first come first.
         self._memory_queue = trio.StrictFIFOLock()
         self.memory_waiters = 0
+        #: READ data held over all connections (see the module's rules).
+        self.read_memory = _ReadMemory(read_memory)
+        self.reply_stall = reply_stall
         self.tls = tls
         self.tls_required = tls_required
         self.allow = list(allow) if allow is not None else None
@@ -515,10 +533,34 @@ class _InFlight:
             await self._changed.wait()
 
 
+class _ReadMemory:
+    """READ data held over all connections: `take` waits while the cap would
+    be passed (one READ of any size when none is held), `give` returns it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._freed = trio.Event()
+
+    async def take(self, n: int) -> None:
+        while self.used and self.used + n > self.cap:
+            await self._freed.wait()
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+        self._freed = trio.Event()
+
+
 class _Session:
     def __init__(self, server: NbdServer, io: SocketIO) -> None:
         self.server = server
         self.io = io
+        io.send_stall = server.reply_stall
+        io.on_sent = self._sent
+        #: READ replies queued and not yet sent: (queued_total after each, its bytes).
+        self._unsent: collections.deque[tuple[int, int]] = collections.deque()
         self.conn = P.ServerConnection()
         self.conn.alloc = server.take_buffer
         self.export: Export | None = None
@@ -535,6 +577,12 @@ class _Session:
         self.handshake = trio.CancelScope(
             deadline=trio.current_time() + self.server.handshake_timeout
         )
+        try:
+            await self._serve()
+        finally:
+            self._give_unsent()
+
+    async def _serve(self) -> None:
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -623,8 +671,14 @@ class _Session:
                         await self.io.wait_room()  # a client that does not read its replies
                     if self._concurrent(ev):
                         cost = ev.length if ev.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
-                        await self.in_flight.admit(cost)
-                        self.nursery.start_soon(self._request_task, ev, cost)
+                        held = ev.length if ev.type == P.Cmd.READ else 0
+                        await self.server.read_memory.take(held)
+                        try:
+                            await self.in_flight.admit(cost)
+                        except BaseException:
+                            self.server.read_memory.give(held)
+                            raise
+                        self.nursery.start_soon(self._request_task, ev, cost, held)
                         started = True  # the task gives the payload back
                     elif not await self._request(ev):
                         return
@@ -652,8 +706,9 @@ class _Session:
             reuse = isinstance(self.export and self.export.backend, FileBackend)
             self.server.give_buffer(req.data, reuse)
 
-    async def _request_task(self, req: P.Request, cost: int) -> None:
-        """One request served beside others (see the module's rules)."""
+    async def _request_task(self, req: P.Request, cost: int, held: int) -> None:
+        """One request served beside others (see the module's rules); a
+        READ's `held` bytes of read memory go back once its reply has left."""
         try:
             await self._request(req)
         except ConnectionLost:
@@ -661,6 +716,27 @@ class _Session:
         finally:
             self._give_payload(req)
             self.in_flight.done(cost)
+            if held:
+                self._replied(held)
+
+    def _replied(self, held: int) -> None:
+        # Nothing awaited since the reply was queued: it ends at queued_total.
+        io = self.io
+        if io.sent_total >= io.queued_total or io.broken is not None:
+            self.server.read_memory.give(held)
+        else:
+            self._unsent.append((io.queued_total, held))
+
+    def _sent(self, sent_total: int) -> None:
+        """SocketIO.on_sent: the replies that have left give their memory back."""
+        unsent = self._unsent
+        while unsent and unsent[0][0] <= sent_total:
+            self.server.read_memory.give(unsent.popleft()[1])
+
+    def _give_unsent(self) -> None:
+        """The session ended: replies never sent hold nothing any more."""
+        while self._unsent:
+            self.server.read_memory.give(self._unsent.popleft()[1])
 
     async def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
         await self.io.send_all(self.conn.option_reply(opt, rep, data))

@@ -21,6 +21,14 @@ while it is over `HIGH_WATER`.
 - A receive that got less than it asked for means the kernel had no more:
   the next `fill()` waits for readiness before it receives, instead of
   paying a failed receive (and an exception) to learn the same.
+- Bytes are counted as they are queued (`queued_total`) and as they reach
+  the kernel (`sent_total`); both are in queue order, so a reply queued when
+  `queued_total` was M has left once `sent_total` >= M. `on_sent` hears of
+  each advance (the server releases read memory with it), and, when the
+  stream breaks, of everything queued as gone.
+- `send_stall` (None: no limit) drops the connection when the peer takes
+  no byte for that many seconds while a send waits (a client that stopped
+  reading its replies holds their memory).
 - Nothing here assumes a raw socket: every byte goes through the
   `Transport`; file slices go with sendfile(2) where the transport can, else
   are read and sent as bytes. `transport` may be replaced while nothing is
@@ -97,6 +105,10 @@ class SocketIO:
         self._room.set()
         self._big_payloads = False
         self._burst = False
+        self.queued_total = 0
+        self.sent_total = 0
+        self.on_sent: Callable[[int], None] | None = None
+        self.send_stall: float | None = None
         #: The last receive in fill() got less than it asked for.
         self._drained = False
 
@@ -107,8 +119,11 @@ class SocketIO:
         if self.broken is not None:
             raise ConnectionLost(f"{self.peer}: {self.broken}")
         self._queue.extend(bufs)
+        n = 0
         for b in bufs:
-            self.queued += len(b)
+            n += len(b)
+        self.queued += n
+        self.queued_total += n
         if self.queued > HIGH_WATER and self._room.is_set():
             self._room = trio.Event()
         if self._sender_parked:
@@ -134,6 +149,8 @@ class SocketIO:
             sent = 0
         except OSError as e:
             raise self._fail(f"send failed: {_why(e)}") from None
+        self.queued_total += sent
+        self.sent_total += sent
         for i, b in enumerate(bufs):
             n = len(b)
             if sent < n:
@@ -176,16 +193,24 @@ class SocketIO:
                     if len(self._queue) == n:
                         break
                 bufs, self._queue = self._queue, []
+                taken = self.queued  # all of it is in this batch
                 if any(type(b) is FileSlice for b in bufs):
                     await self._send_mixed(bufs)
                 else:
                     await self.send_all(*bufs)
+                self.sent_total += taken
+                if self.on_sent is not None:
+                    self.on_sent(self.sent_total)
                 self.queued = 0 if not self._queue else sum(len(b) for b in self._queue)
                 if self.queued <= HIGH_WATER:
                     self._room.set()
         except ConnectionLost:
             self._room.set()  # producers wake and see `broken`
             self._close_for_readers()
+            # Nothing queued will leave now: count it as gone, for on_sent.
+            self.sent_total = self.queued_total
+            if self.on_sent is not None:
+                self.on_sent(self.sent_total)
         finally:
             self._sender_parked = False
             self._sender = None
@@ -220,7 +245,7 @@ class SocketIO:
                 try:
                     n = transport.sendfile(piece.fd, offset, left)
                 except BlockingIOError:
-                    await transport.wait_writable()
+                    await self._wait_writable()
                     continue
                 if n == 0:  # past the end of a short file: zeroes
                     await self.send_all(bytes(left))
@@ -313,11 +338,20 @@ class SocketIO:
                 if sent:
                     views[0] = views[0][sent:]
                     sent = 0
-                await self.transport.wait_writable()
+                await self._wait_writable()
                 try:
                     sent = self.transport.send(views[:_IOV_MAX])
                 except BlockingIOError:
                     sent = 0
+
+    async def _wait_writable(self) -> None:
+        if self.send_stall is None:
+            await self.transport.wait_writable()
+            return
+        with trio.move_on_after(self.send_stall):
+            await self.transport.wait_writable()
+            return
+        raise self._fail(f"the peer read nothing for {self.send_stall:g} s")
 
     async def recvmsg_into(self, bufs: list[memoryview]) -> int:
         """Like recv_into, scattering over `bufs`."""
