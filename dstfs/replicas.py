@@ -444,6 +444,7 @@ class ReplicaSet:
         for region in self.alg.region_range(offset, length):
             ok = await self._copy_region(good, bad, region)
             if not ok:
+                self._maybe_resync(bad)
                 return
         self.stats.read_repairs += 1
         log.warning(
@@ -563,6 +564,10 @@ class ReplicaSet:
                 rep.mark(regions)
             for rep in missing:
                 await self._flush_bitmap(rep)
+            for rep in missing:
+                # Still connected (a write error, not a lost link): nothing
+                # else would start its resync (see _maybe_resync).
+                self._maybe_resync(rep)
         return True
 
     async def flush(self) -> None:
@@ -590,6 +595,7 @@ class ReplicaSet:
             rep.mark(rep.written)
             rep.written.clear()
             await self._flush_bitmap(rep)
+            self._maybe_resync(rep)
         if not any(r.in_sync for r in targets if all(r is not f for f, _ in failed)):
             raise OSError(errno.EIO, "no in-sync replica was flushed")
 
@@ -647,6 +653,10 @@ class ReplicaSet:
             self.lock.release(region)
 
     def _maybe_resync(self, rep: Replica) -> None:
+        """Start `rep`'s resync if it is out of sync and reachable. Called
+        when a node comes back (on_change) and wherever a replica that is
+        still connected fails an I/O (its node's state does not change, so
+        no on_change would ever start it: it stayed degraded for ever)."""
         if (
             self._started
             and not rep.in_sync
@@ -872,6 +882,7 @@ class ReplicaSet:
                     except OSError as e:
                         self._leave(rep, f"repair write failed: {e}")
                         rep.mark((region,))
+                        self._maybe_resync(rep)
         finally:
             self.lock.release(region)
 
