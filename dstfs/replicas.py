@@ -107,6 +107,9 @@ class Replica:
     sync_done: int = 0
     sync_total: int = 0
     retry_delay: float = RETRY_MIN
+    #: Raised when the replica gets a new target: a copy made for the old
+    #: one (finished, or still in flight then) must not count for the new.
+    target_epoch: int = 0
 
     @property
     def name(self) -> str:
@@ -264,6 +267,11 @@ class ReplicaSet:
             raise OSError(errno.EBUSY, "the only in-sync replica cannot be replaced")
         self._leave(rep, "being replaced by a new target")
         rep.bitmap.mark_all()
+        # A resync may be running: what it copied to the old target is not
+        # on the new one (its marks would be cleared at its next flush).
+        rep.target_epoch += 1
+        rep.clean.clear()
+        rep.written.clear()
         await self._flush_bitmap(rep)
         swap()
         log.warning("%s: new target: full sync of %d regions", rep.name, len(rep.bitmap))
@@ -621,6 +629,7 @@ class ReplicaSet:
         length = min(self.alg.region, size - offset)
         if length <= 0:
             return True
+        epoch = dst.target_epoch
         await self.lock.claim(region)
         try:
             if src.node.can_block_status and await sparse.reads_as_zeroes(
@@ -646,8 +655,9 @@ class ReplicaSet:
                 self._leave(dst, f"copy failed: {e}")
                 dst.mark((region,))
                 return False
-            dst.written.add(region)
-            dst.clean.add(region)
+            if dst.target_epoch == epoch:  # else copied to a target since replaced
+                dst.written.add(region)
+                dst.clean.add(region)
             return True
         finally:
             self.lock.release(region)
@@ -716,8 +726,11 @@ class ReplicaSet:
             # Durable on the replica first, then the marks may go; a region
             # marked again since its copy (a write failed there) stays.
             batch = list(rep.clean)
+            epoch = rep.target_epoch
             if batch:
                 await rep.node.flush()
+                if rep.target_epoch != epoch:  # flushed the old target
+                    return
                 done = [r for r in batch if r in rep.clean]
                 rep.clean.difference_update(done)
                 rep.bitmap.clear(done)

@@ -6,16 +6,24 @@ its fix.
 - A replica that fails writes (EIO, its link up) leaves the in-sync set;
   the writer sees no error; once the errors stop it resyncs on its own
   (before: it stayed `degraded` until its connection broke, for ever).
+- A replica replaced (`migrate`) while its resync runs gets a full sync to
+  its new target (before: the regions the resync had already copied to the
+  old target were taken as done on the new one, which was then `in_sync`
+  with zeroes where the data was: stale reads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from helpers.load import ctl, watchdog
+from helpers.load import ctl, ctl_write, wait_for, watchdog
+from helpers.mounts import mounted
 from helpers.procs import Server, nbdkit_proc
 from test_mirror_e2e import DISK, MiB, differ, mirror, mstats, wait_in_sync
 
@@ -61,3 +69,85 @@ def test_a_replica_failing_writes_with_its_link_up_is_resynced_once_they_stop(
         wait_in_sync(mnt, 2, timeout=30)  # with no reconnect to start it
         assert int(ctl(mnt, "n-1", "dirty")) == 0
         assert differ(s0.path, b) == ""
+
+
+class Pause:
+    """nbdkit's pause filter's control socket: `pause()` returns once the
+    requests already received are done; later ones wait for `resume()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+
+    def _say(self, cmd: bytes) -> None:
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(30)
+            self.sock.connect(str(self.path))
+        self.sock.sendall(cmd)
+        assert self.sock.recv(1) == cmd.upper()
+
+    def pause(self) -> None:
+        self._say(b"p")
+
+    def resume(self) -> None:
+        self._say(b"r")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.resume()
+            self.sock.close()
+
+
+@contextlib.contextmanager
+def pausable(tmp_path: Path, path: Path) -> Iterator[tuple[str, Pause]]:
+    """nbdkit serving `path` behind its pause filter (and reads slowed by
+    50 ms, so that a test can pause it in the middle of a resync)."""
+    ctl_sock = tmp_path / "pause.sock"
+    with nbdkit_proc(
+        "--filter=pause",
+        "--filter=delay",
+        "file",
+        str(path),
+        f"pause-control={ctl_sock}",
+        "delay-read=50ms",
+    ) as (uri, _):
+        wait_for(ctl_sock.exists, "the pause control socket")
+        pause = Pause(ctl_sock)
+        try:
+            yield uri, pause
+        finally:
+            pause.close()
+
+
+def resynced(mnt: Path, node: str) -> int:
+    """Regions the running resync of `node` has copied (0 if none runs)."""
+    state = ctl(mnt, node, "state")
+    return int(state.split()[1].split("/")[0]) if state.startswith("resyncing") else 0
+
+
+def test_a_replica_replaced_while_it_resyncs_gets_every_region_on_its_new_target(
+    tmp_path: Path,
+) -> None:
+    disk = 32 * MiB  # 32 regions, all data: a region not copied cannot pass for one
+    a = tmp_path / "a.img"
+    a.write_bytes(random.Random(3).randbytes(disk))
+    with (
+        pausable(tmp_path, a) as (source, pause),
+        Server(tmp_path / "b.img", size=disk) as s1,
+        Server(tmp_path / "c.img", size=disk) as s2,
+        # A new mirror: n-1 gets a full sync from n-0.
+        mounted(tmp_path, [source, s1.uri], alg="mirror", state=tmp_path / "state") as mnt,
+        watchdog(mnt, 120),
+    ):
+        wait_for(lambda: resynced(mnt, "n-1") >= 4, "n-1 resyncing", 30, step=0.005)
+        # The resync's next reads now wait on the source: regions copied to
+        # n-1's old target, nothing in flight there.
+        pause.pause()
+        assert 4 <= resynced(mnt, "n-1") < 32
+        assert ctl_write(mnt, "n-1", "migrate", value=s2.uri) == 0
+        pause.resume()
+        wait_in_sync(mnt, 2, timeout=60)
+        assert ctl(mnt, "n-1", "target") == s2.uri
+        assert differ(a, s2.path) == ""
