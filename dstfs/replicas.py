@@ -23,7 +23,8 @@ Rules (md raid1 and DRBD are the models):
 - While all replicas are in sync, the regions with writes in flight are
   marked in the `active` bitmap before the first write to a region (only the
   first write pays) and cleared lazily once idle and flushed, so after a
-  crash of the daemon the next mount resyncs exactly those regions.
+  crash of the daemon the next mount resyncs exactly those regions (onto
+  every replica but the one copied from, a resyncing one too).
 - Regions written since a replica's last good flush are remembered: a flush
   that fails or a connection that breaks may have lost them on that
   replica, so they are marked dirty for it too.
@@ -223,9 +224,11 @@ class ReplicaSet:
             rep.in_sync = good[i]
             if not good[i] and not len(rep.bitmap) and entries[i].synced is None:
                 rep.bitmap.mark_all()  # never synced: everything
-            if crashed and good[i] and i != first:
+            if crashed and i != first:
                 # Writes were in flight here at a crash: this copy may differ
                 # from the first good one until those regions are resynced.
+                # A replica that was resyncing got them too, maybe in regions
+                # its resync had done and cleared: they go back in its bitmap.
                 rep.mark(crashed)
                 rep.in_sync = False
         if crashed:

@@ -10,6 +10,11 @@ its fix.
   its new target (before: the regions the resync had already copied to the
   old target were taken as done on the new one, which was then `in_sync`
   with zeroes where the data was: stale reads).
+- The daemon killed -9 while a replica resyncs and writes go to it too: the
+  next mount resyncs the regions written just before the kill on that
+  replica as well (before: only on the in-sync ones, so a region the resync
+  had already done and a write in flight then changed could differ on the
+  replica for good, which then went `in_sync`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,20 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers.load import ctl, ctl_write, wait_for, watchdog
+from helpers.load import BLOCK, RangeWriter, ctl, ctl_write, wait_for, watchdog
 from helpers.mounts import mounted
 from helpers.procs import Server, nbdkit_proc
-from test_mirror_e2e import DISK, MiB, differ, mirror, mstats, wait_in_sync
+from test_mirror_e2e import (
+    DISK,
+    MiB,
+    bitmap_regions,
+    differ,
+    kill_daemon,
+    mirror,
+    mstats,
+    plant,
+    wait_in_sync,
+)
 
 
 def flaky_file(tmp_path: Path, name: str) -> Path:
@@ -151,3 +166,43 @@ def test_a_replica_replaced_while_it_resyncs_gets_every_region_on_its_new_target
         wait_in_sync(mnt, 2, timeout=60)
         assert ctl(mnt, "n-1", "target") == s2.uri
         assert differ(a, s2.path) == ""
+
+
+def test_a_daemon_killed_while_a_replica_resyncs_under_writes_resyncs_them_there_too(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    b = flaky_file(tmp_path, "b.img")
+    with (
+        Server(tmp_path / "a.img", size=DISK) as s0,
+        pausable(tmp_path, b) as (replica, pause),
+    ):
+        with mirror(tmp_path, [s0.uri, replica], state) as mnt:
+            # n-1 misses region 100 only...
+            assert ctl_write(mnt, "n-1", "suspend", value="1") == 0
+            fd = os.open(mnt / "disk.img", os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 100 * MiB)
+            finally:
+                os.close(fd)
+            assert int(ctl(mnt, "n-1", "dirty")) == 1
+            # ...and its resync of it waits at its server, as does a write
+            # to region 0 sent to both replicas: the daemon dies then.
+            pause.pause()
+            assert ctl_write(mnt, "n-1", "suspend", value="0") == 0
+            wait_for(lambda: ctl(mnt, "n-1", "state").startswith("resyncing"), "n-1 resyncing")
+            writer = RangeWriter(mnt / "disk.img", 0, BLOCK, "w", readback=False)
+            writer.start()
+            try:
+                wait_for(lambda: 0 in bitmap_regions(state / "bitmap-active"), "region 0 active")
+                kill_daemon(mnt)
+            finally:
+                writer.stop_event.set()
+                writer.join(20)
+        assert bitmap_regions(state / "bitmap-n-1") == {100}
+        # What the write in flight may have left: region 0 differs on n-1.
+        plant(b, MiB // 2)
+        pause.resume()
+        with mounted(tmp_path, state=state) as mnt:
+            wait_in_sync(mnt, 2, timeout=60)
+        assert differ(s0.path, b) == ""
