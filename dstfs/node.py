@@ -23,7 +23,11 @@ Rules:
   copies) never makes a request wait: while its gate is shut, and when its
   connection breaks under a request, the request fails at once with
   `NodeUnavailable`, and the reconnect goes on in the background. Which I/O
-  waits for a node is the algorithm's decision, not the node's.
+  waits for a node is the algorithm's decision, not the node's. Such a node
+  is back only once its server answers a read after the reconnect (within
+  the attempt's limit): one that takes connections but hangs requests would
+  else be back at once, again and again, and every write to it would wait
+  for its timeout.
 - A reconnect that fails with `NotRetryable` (e.g. a TLS certificate not
   trusted) makes the node failed at once and ends the reconnect job.
 - Every request, error, reconnect and failure is counted in `stats`, every
@@ -57,6 +61,8 @@ BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 5.0
 #: How often the reply deadline is checked (see Node._watch).
 WATCH_EVERY = 1.0
+#: Read from a replica after a reconnect, before it counts as back.
+PROBE_BYTES = 512
 
 
 class NodeUnavailable(OSError):
@@ -391,6 +397,12 @@ class Node:
                     try:
                         with trio.fail_after(limit):
                             await backend.reconnect()
+                            if not self.hold:
+                                # Back only once it answers: a server that
+                                # takes connections but not requests (a hung
+                                # disk) would otherwise be back at once, and
+                                # each write to it would wait its timeout.
+                                await _probe(backend)
                     except Exception as e:  # OSError, TooSlowError, a group from connect
                         failure = e
                 self._attempt = None
@@ -459,6 +471,17 @@ class Node:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.backend.aclose()
+
+
+async def _probe(backend: Backend) -> None:
+    """One read: any answer will do (an error reply is an answer; a bad
+    sector 0 must not keep a replica away); a lost connection raises."""
+    try:
+        await backend.pread(0, PROBE_BYTES)
+    except ConnectionLost:
+        raise
+    except OSError as e:
+        log.debug("%s: probe read after reconnect: %s", backend.name, e)
 
 
 async def _close_quietly(backend: Backend) -> None:

@@ -15,6 +15,10 @@ its fix.
   replica as well (before: only on the in-sync ones, so a region the resync
   had already done and a write in flight then changed could differ on the
   replica for good, which then went `in_sync`).
+- A replica whose server takes connections but answers no request (a hung
+  disk: nbdkit's pause filter) holds writes for its timeout once, not on
+  every write (before: it was back at each reconnect, at once, and each
+  write waited its timeout again).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import random
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +211,32 @@ def test_a_daemon_killed_while_a_replica_resyncs_under_writes_resyncs_them_there
         with mounted(tmp_path, state=state) as mnt:
             wait_in_sync(mnt, 2, timeout=60)
         assert differ(s0.path, b) == ""
+
+
+def test_a_replica_that_connects_but_never_answers_holds_writes_once_not_each(
+    tmp_path: Path,
+) -> None:
+    timeout = 2.0
+    b = flaky_file(tmp_path, "b.img")
+    with (
+        Server(tmp_path / "a.img", size=DISK) as s0,
+        pausable(tmp_path, b) as (replica, pause),
+        mirror(tmp_path, [s0.uri, replica], tmp_path / "state") as mnt,
+        watchdog(mnt, 120),
+    ):
+        assert ctl_write(mnt, "n-1", "timeout", value=f"{timeout:g}") == 0
+        pause.pause()  # its connections stay up; requests wait there
+        fd = os.open(mnt / "disk.img", os.O_WRONLY)
+        try:
+            took = []
+            for i in range(6):
+                t0 = time.monotonic()
+                os.pwrite(fd, b"w" * 4096, i * MiB)
+                took.append(time.monotonic() - t0)
+        finally:
+            os.close(fd)
+        print(f"writes took {[round(t, 2) for t in took]} s")
+        assert took[0] >= timeout  # the one that found it hung
+        assert max(took[1:]) < timeout, took
+        assert ctl(mnt, "degraded") == "1"
+        assert int(ctl(mnt, "n-1", "dirty")) >= 5
