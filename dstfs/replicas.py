@@ -11,7 +11,10 @@ Rules (md raid1 and DRBD are the models):
   replica holds the data. A replica that fails a write, loses its
   connection, is suspended or failed leaves the in-sync set at once (it is
   not waited for: its node does not `hold`), and the regions it missed are
-  marked in its bitmap, durably, before the write is acknowledged.
+  marked in its bitmap, durably, before the write is acknowledged. A write
+  that no in-sync replica holds gets EIO (or is resent once one is back),
+  and its regions are marked for every replica out of sync, durably: it may
+  have landed there, so they now differ from the in-sync one.
 - Writes that overlap go to the replicas one after another: a write waits
   for every overlapping write in flight before it is sent, so each replica
   applies them in the same order (two in flight together could otherwise
@@ -564,8 +567,12 @@ class ReplicaSet:
             # a storage error goes to the caller.
             errors = [e for f, e in failed if f.in_sync]
             if errors and all(isinstance(e, NodeUnavailable) for e in errors):
+                # The others that took it are marked too: the resend may
+                # never come (every in-sync replica failed meanwhile).
+                await self._failed_write(regions, [])
                 return False
             err = errors[0] if errors else OSError(errno.EIO, "no in-sync replica")
+            await self._failed_write(regions, [f for f, _ in failed if f.in_sync])
             raise OSError(err.errno or errno.EIO, str(err))
         if missing:
             self.stats.degraded_writes += 1
@@ -580,6 +587,22 @@ class ReplicaSet:
                 # else would start its resync (see _maybe_resync).
                 self._maybe_resync(rep)
         return True
+
+    async def _failed_write(self, regions: range, failed_in_sync: list[Replica]) -> None:
+        """A write that no in-sync replica holds gets EIO, but the others
+        may hold it (a resyncing replica, one of several in-sync ones that
+        failed): the range now differs between replicas. One in-sync replica
+        stays the reference; every other one gets the regions resynced from
+        it (before, nothing was marked: replicas that differed for good)."""
+        for rep in failed_in_sync:
+            self._leave(rep, "write failed")  # the last in-sync one is kept
+        others = [r for r in self.replicas if not r.in_sync]
+        for rep in others:
+            rep.mark(regions)
+        for rep in others:
+            await self._flush_bitmap(rep)
+        for rep in others:
+            self._maybe_resync(rep)
 
     async def flush(self) -> None:
         if not self._readable():

@@ -19,11 +19,16 @@ its fix.
   disk: nbdkit's pause filter) holds writes for its timeout once, not on
   every write (before: it was back at each reconnect, at once, and each
   write waited its timeout again).
+- A write that fails on the only in-sync replica gets EIO, but a replica
+  being resynced may have taken it: that region is resynced there too
+  (before: nothing was marked, and the replicas differed for good once the
+  resync ended; found with nbdkit's error filter on three replicas).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import socket
@@ -32,6 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from helpers.load import BLOCK, RangeWriter, ctl, ctl_write, wait_for, watchdog
 from helpers.mounts import mounted
 from helpers.procs import Server, nbdkit_proc
@@ -240,3 +246,42 @@ def test_a_replica_that_connects_but_never_answers_holds_writes_once_not_each(
         assert max(took[1:]) < timeout, took
         assert ctl(mnt, "degraded") == "1"
         assert int(ctl(mnt, "n-1", "dirty")) >= 5
+
+
+def test_a_write_failing_on_the_in_sync_replica_is_undone_on_a_resyncing_one(
+    tmp_path: Path,
+) -> None:
+    a = flaky_file(tmp_path, "a.img")
+    errors_on = tmp_path / "errors-on"
+    with (
+        nbdkit_proc(
+            "--filter=error",
+            "file",
+            str(a),
+            "error=EIO",
+            "error-pread-rate=100%",
+            "error-pwrite-rate=100%",
+            f"error-file={errors_on}",
+            stderr=subprocess.DEVNULL,
+        ) as (flaky, _),
+        Server(tmp_path / "b.img", size=DISK) as s1,
+        mirror(tmp_path, [flaky, s1.uri], tmp_path / "state") as mnt,
+        watchdog(mnt, 120),
+    ):
+        fd = os.open(mnt / "disk.img", os.O_WRONLY)
+        try:
+            assert ctl_write(mnt, "n-1", "suspend", value="1") == 0
+            os.pwrite(fd, b"m" * 4096, 50 * MiB)  # n-1 misses region 50
+            # n-0 now fails: n-1's resync cannot read region 50, and n-1
+            # stays reachable, out of sync, taking writes.
+            errors_on.touch()
+            assert ctl_write(mnt, "n-1", "suspend", value="0") == 0
+            wait_for(lambda: ctl(mnt, "n-1", "state") != "suspended", "n-1 resumed")
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"n" * 4096, 0)  # fails on n-0, lands on n-1
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        errors_on.unlink()
+        wait_in_sync(mnt, 2, timeout=60)
+        assert differ(a, s1.path) == ""
