@@ -456,7 +456,20 @@ class ReplicaSet:
         """md's read-error correction: rewrite the range on `bad` from
         `good`, region by region under the interlock."""
         for region in self.alg.region_range(offset, length):
-            ok = await self._copy_region(good, bad, region)
+            try:
+                ok = await self._copy_region(good, bad, region)
+            except OSError as e:
+                # The reader has its data: only the rewrite failed (the good
+                # copy could not read the whole region). Not the reader's
+                # error (it got EIO); the next read error tries again.
+                log.warning(
+                    "%s: rewrite of region %d from %s after a read error failed: %s",
+                    bad.name,
+                    region,
+                    good.name,
+                    e,
+                )
+                return
             if not ok:
                 self._maybe_resync(bad)
                 return

@@ -23,12 +23,16 @@ its fix.
   being resynced may have taken it: that region is resynced there too
   (before: nothing was marked, and the replicas differed for good once the
   resync ended; found with nbdkit's error filter on three replicas).
+- A read that failed on one replica and was served by the other returns its
+  data even when the rewrite of the bad range then fails to read the whole
+  region from the good one (before: the reader got EIO).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import random
 import socket
@@ -285,3 +289,51 @@ def test_a_write_failing_on_the_in_sync_replica_is_undone_on_a_resyncing_one(
         errors_on.unlink()
         wait_in_sync(mnt, 2, timeout=60)
         assert differ(a, s1.path) == ""
+
+
+def test_a_read_served_by_the_good_replica_succeeds_when_its_repair_cannot_read(
+    tmp_path: Path,
+) -> None:
+    size = 8 * MiB
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for f in (a, b):
+        f.write_bytes(b"")
+        os.truncate(f, size)
+    errors_on = tmp_path / "errors-on"
+    # n-1: nbdkit's eval plugin over b.img, failing reads above 64 KiB (the
+    # repair's whole-region reads) while errors_on exists; n-0 fails every read then.
+    big_read_fails = (
+        f"if [ $3 -gt 65536 ] && [ -e {errors_on} ]; then echo 'EIO big read' >&2; exit 1; fi; "
+        f"dd if={b} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"
+    )
+    with (
+        nbdkit_proc(
+            "--filter=error",
+            "file",
+            str(a),
+            "error=EIO",
+            "error-pread-rate=100%",
+            f"error-file={errors_on}",
+            stderr=subprocess.DEVNULL,
+        ) as (flaky, _),
+        nbdkit_proc(
+            "eval",
+            f"get_size=stat -c %s {b}",
+            f"pread={big_read_fails}",
+            f"pwrite=dd of={b} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+            f"flush=sync {b}",
+            stderr=subprocess.DEVNULL,
+        ) as (picky, _),
+        mirror(tmp_path, [flaky, picky], tmp_path / "state") as mnt,
+        watchdog(mnt, 120),
+    ):
+        fd = os.open(mnt / "disk.img", os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        errors_on.touch()
+        try:
+            for i in range(4):  # reads alternate: n-0's fail and go to n-1
+                assert os.preadv(fd, [buf], i * 4096) == 4096
+        finally:
+            os.close(fd)
+            buf.close()
+        assert mstats(mnt)["read_errors"] > 0
