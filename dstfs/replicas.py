@@ -579,12 +579,15 @@ class ReplicaSet:
             # went away (suspend, lost link), send it again once one is back;
             # a storage error goes to the caller.
             errors = [e for f, e in failed if f.in_sync]
-            if errors and all(isinstance(e, NodeUnavailable) for e in errors):
+            if all(isinstance(e, NodeUnavailable) for e in errors):
+                # Also with no error at all: the last in-sync replica went
+                # away before the write was sent (while the active bitmap
+                # was written), and only others took it; before, EIO.
                 # The others that took it are marked too: the resend may
                 # never come (every in-sync replica failed meanwhile).
                 await self._failed_write(regions, [])
                 return False
-            err = errors[0] if errors else OSError(errno.EIO, "no in-sync replica")
+            err = errors[0]
             await self._failed_write(regions, [f for f, _ in failed if f.in_sync])
             raise OSError(err.errno or errno.EIO, str(err))
         if missing:
@@ -618,6 +621,13 @@ class ReplicaSet:
             self._maybe_resync(rep)
 
     async def flush(self) -> None:
+        while not await self._flush_once():
+            pass  # the last in-sync replica went away under it: wait, flush again
+
+    async def _flush_once(self) -> bool:
+        """False when the flush must be sent again: the last in-sync replica
+        lost its connection under it (it is kept; a linear node's flush waits
+        for the reconnect the same way). Before, fsync got EAGAIN."""
         if not self._readable():
             await self._wait_for_replica()
         targets = [r for r in self.replicas if r.node.ready]
@@ -635,16 +645,27 @@ class ReplicaSet:
         async with trio.open_nursery() as nursery:
             for rep in targets:
                 nursery.start_soon(one, rep)
+        again = False
+        error: OSError | None = None
         for rep, e in failed:
             log.warning("%s: flush failed: %s", rep.name, e)
             if not self._leave(rep, f"flush failed: {e}"):
-                raise OSError(e.errno or errno.EIO, str(e))
+                if isinstance(e, NodeUnavailable):
+                    again = True
+                else:
+                    error = error or e
+                continue
             rep.mark(rep.written)
             rep.written.clear()
             await self._flush_bitmap(rep)
             self._maybe_resync(rep)
+        if error is not None:
+            raise OSError(error.errno or errno.EIO, str(error))
+        if again:
+            return False
         if not any(r.in_sync for r in targets if all(r is not f for f, _ in failed)):
             raise OSError(errno.EIO, "no in-sync replica was flushed")
+        return True
 
     # -- copying (resync, repair, verify)
 

@@ -517,3 +517,69 @@ async def test_overlapping_writes_in_flight_reach_every_replica_in_one_order(
         gate.set()
     assert replicas["a"].data[: 3 * 4096] == b.data[: 3 * 4096]
     assert bytes(b.data[: 3 * 4096]) == b"1" * 4096 + b"2" * 8192
+
+
+async def test_a_write_whose_only_in_sync_replica_goes_before_it_is_sent_waits_for_it(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    """The last in-sync replica lost while the active bitmap is written: the
+    write went only to a replica out of sync and got EIO (found by killing
+    servers at random under fio)."""
+    array = await mount(nursery, replicas, tmp_path, ["a", "b"])
+    await settle(array)
+    rs = array.replicas
+    assert rs is not None
+    a, b = replicas["a"], replicas["b"]
+    # b out of sync and reachable: its resync cannot read region 5 from a.
+    await array.nodes[1].suspend()
+    await array.write(5 * REGION, b"x" * 512)
+    a.read_errno, a.bad_range = errno.EIO, (5 * REGION, 6 * REGION)
+    array.nodes[1].resume()
+    assert not rs.replicas[1].in_sync
+    writes = len(b.writes)
+    mark = rs.active.mark  # type: ignore[union-attr]
+
+    async def heal() -> None:
+        while len(b.writes) == writes:  # until b took the write: a was not sent it
+            await trio.sleep(0.005)
+        a.down = False
+
+    async def lose_a_first(regions: range) -> None:
+        rs.active.mark = mark  # type: ignore[union-attr,method-assign]
+        a.down = True
+        array.nodes[0].lost("cut while the bitmap was written")
+        nursery.start_soon(heal)
+        await mark(regions)
+
+    rs.active.mark = lose_a_first  # type: ignore[union-attr,method-assign]
+    with trio.fail_after(10):
+        await array.write(0, b"w" * 4096)  # waits for a, then lands there too
+    assert bytes(a.data[:4096]) == b"w" * 4096
+    a.read_errno = None
+    await settle(array)
+    assert b.data == a.data
+
+
+async def test_a_flush_whose_only_in_sync_replica_loses_its_link_waits_for_it(
+    nursery: trio.Nursery, replicas: dict, tmp_path: Path
+) -> None:
+    """fsync got EAGAIN (NodeUnavailable's errno) when the last in-sync
+    replica's connection broke under the flush; a linear node's flush waits."""
+    array = await mount(nursery, replicas, tmp_path, ["a", "b"])
+    await settle(array)
+    await array.nodes[1].suspend()
+    a = replicas["a"]
+    await array.write(0, b"f" * 4096)
+    a.down = True  # the flush meets the broken connection
+
+    async def heal() -> None:
+        while array.nodes[0].ready:
+            await trio.sleep(0.005)
+        a.down = False
+
+    nursery.start_soon(heal)
+    flushes = a.flushes
+    with trio.fail_after(10):
+        await array.flush()
+    assert a.flushes == flushes + 1
+    assert states(array) == ["in_sync", "suspended"]
