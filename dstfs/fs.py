@@ -243,6 +243,9 @@ class DstFs(pyfuse3.Operations):
             try:
                 n = await self.array.readinto(off, memoryview(buf))
             except OSError as e:
+                # Said here once: the node-level lines may not name it (an
+                # error of the array itself, e.g. no in-sync replica).
+                log.warning("%s: disk.img read %d+%d: %s", self.array.name, off, size, e)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             except Exception:
                 log.exception("%s: read %d+%d failed", self.array.name, off, size)
@@ -257,6 +260,7 @@ class DstFs(pyfuse3.Operations):
             try:
                 return await self.array.write(off, buf)
             except OSError as e:
+                log.warning("%s: disk.img write %d+%d: %s", self.array.name, off, len(buf), e)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             except Exception:
                 log.exception("%s: write %d+%d failed", self.array.name, off, len(buf))
@@ -279,7 +283,11 @@ class DstFs(pyfuse3.Operations):
     @_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
         if self._handles.get(fh, 0) is None:  # control files have nothing to make durable
-            await self.array.flush()
+            try:
+                await self.array.flush()
+            except OSError as e:
+                log.warning("%s: disk.img fsync: %s", self.array.name, e)
+                raise
 
     async def release(self, fh: int) -> None:
         if self._handles.pop(fh, 0) is None:

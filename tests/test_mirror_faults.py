@@ -22,7 +22,8 @@ its fix.
 - A write that fails on the only in-sync replica gets EIO, but a replica
   being resynced may have taken it: that region is resynced there too
   (before: nothing was marked, and the replicas differed for good once the
-  resync ended; found with nbdkit's error filter on three replicas).
+  resync ended; found with nbdkit's error filter on three replicas). The
+  writer's EIO is logged (nothing in the log said which I/O failed).
 - A read that failed on one replica and was served by the other returns its
   data even when the rewrite of the bad range then fails to read the whole
   region from the good one (before: the reader got EIO).
@@ -286,6 +287,9 @@ def test_a_write_failing_on_the_in_sync_replica_is_undone_on_a_resyncing_one(
             assert e.value.errno == errno.EIO
         finally:
             os.close(fd)
+        # The EIO the writer got is in the log (it was nowhere).
+        log = tmp_path / "state" / "daemon.log"
+        wait_for(lambda: "disk.img write 0+4096: " in log.read_text(), "the EIO logged")
         errors_on.unlink()
         wait_in_sync(mnt, 2, timeout=60)
         assert differ(a, s1.path) == ""
