@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import random
 import socket
@@ -1152,12 +1153,15 @@ def test_dstfs_serve_unix_refuses_a_file_or_a_live_socket(tmp_path: Path, what: 
         other.close()
 
 
-async def test_unread_read_replies_are_bounded_over_all_connections(slow) -> None:
+async def test_unread_read_replies_are_bounded_over_all_connections(
+    slow, caplog: pytest.LogCaptureFixture
+) -> None:
     """Clients that pipeline large READs and never read the replies: the READ
     data the server holds over all connections stays within its read memory
     (it was bounded per connection only: 16 such clients held ~1 GiB of the
     array daemon), and a client that reads nothing for the stall time is
     dropped, so a well-behaved one is then served."""
+    caplog.set_level(logging.INFO, logger="dstfs.nbd.server")
     srv, backend = slow
     backend.file_slice = lambda offset, length: None  # bytes, as the array answers
     server = srv.server
@@ -1183,6 +1187,8 @@ async def test_unread_read_replies_are_bounded_over_all_connections(slow) -> Non
     assert held < 4 * MiB + 2 * MiB, f"{held / MiB:.1f} MiB held"
     await poll(lambda: server.stats.active == 0)  # each dropped for its stall
     assert server.read_memory.used == 0
+    gone = [r.getMessage() for r in caplog.records if "client gone" in r.getMessage()]
+    assert len(gone) == 4 and all("read nothing for 2 s" in m for m in gone), gone
     for r in greedy:
         await r.until_closed()
     good = await srv.raw()

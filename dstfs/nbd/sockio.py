@@ -421,7 +421,8 @@ class SocketIO:
                 raise self._fail(f"receive failed: {os.strerror(e.errno or errno.EIO)}") from None
             break
         if not n:
-            raise ConnectionLost(f"{self.peer}: closed by the peer")
+            # Our own shutdown (a failed send) reads as an end of stream too.
+            raise ConnectionLost(f"{self.peer}: {self.broken or 'closed by the peer'}")
         self._drained = n < asked
         if direct:
             decoder.payload_received(n)
