@@ -435,6 +435,9 @@ def test_status_watch_repeats_plain_blocks_when_not_a_tty_and_stops_on_ctrl_c(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A suite started in the background (`cmd &` without job control)
+            # inherits SIGINT ignored, and Python then keeps it ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             assert proc.stdout is not None
