@@ -595,14 +595,19 @@ class ReplicaSet:
             for rep in missing:
                 if rep.in_sync:
                     self._leave(rep, "write failed")
-                rep.mark(regions)
-            for rep in missing:
-                await self._flush_bitmap(rep)
-            for rep in missing:
-                # Still connected (a write error, not a lost link): nothing
-                # else would start its resync (see _maybe_resync).
-                self._maybe_resync(rep)
+            await self._resync_regions(missing, regions)
         return True
+
+    async def _resync_regions(self, reps: list[Replica], regions: range) -> None:
+        """`regions` marked in each of `reps`' bitmaps, durably, then each
+        one's resync started: one still connected (a write error, not a lost
+        link) gets no on_change that would start it (see _maybe_resync)."""
+        for rep in reps:
+            rep.mark(regions)
+        for rep in reps:
+            await self._flush_bitmap(rep)
+        for rep in reps:
+            self._maybe_resync(rep)
 
     async def _failed_write(self, regions: range, failed_in_sync: list[Replica]) -> None:
         """A write that no in-sync replica holds gets EIO, but the others
@@ -612,13 +617,7 @@ class ReplicaSet:
         it (before, nothing was marked: replicas that differed for good)."""
         for rep in failed_in_sync:
             self._leave(rep, "write failed")  # the last in-sync one is kept
-        others = [r for r in self.replicas if not r.in_sync]
-        for rep in others:
-            rep.mark(regions)
-        for rep in others:
-            await self._flush_bitmap(rep)
-        for rep in others:
-            self._maybe_resync(rep)
+        await self._resync_regions([r for r in self.replicas if not r.in_sync], regions)
 
     async def flush(self) -> None:
         while not await self._flush_once():
