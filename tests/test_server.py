@@ -1165,7 +1165,7 @@ async def test_unread_read_replies_are_bounded_over_all_connections(
     srv, backend = slow
     backend.file_slice = lambda offset, length: None  # bytes, as the array answers
     server = srv.server
-    server.read_memory.cap = 4 * MiB
+    server.read_memory.budget = 4 * MiB
     server.reply_stall = 2.0
     tracing = tracemalloc.is_tracing()
     tracemalloc.start()
@@ -1186,7 +1186,7 @@ async def test_unread_read_replies_are_bounded_over_all_connections(
     # The cap, plus what the kernel's socket buffers took off the server.
     assert held < 4 * MiB + 2 * MiB, f"{held / MiB:.1f} MiB held"
     await poll(lambda: server.stats.active == 0)  # each dropped for its stall
-    assert server.read_memory.used == 0
+    assert server.read_memory.bytes == 0
     gone = [r.getMessage() for r in caplog.records if "client gone" in r.getMessage()]
     assert len(gone) == 4 and all("read nothing for 2 s" in m for m in gone), gone
     for r in greedy:

@@ -79,6 +79,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -211,7 +212,7 @@ class NbdServer:
         self._memory_queue = trio.StrictFIFOLock()
         self.memory_waiters = 0
         #: READ data held over all connections (see the module's rules).
-        self.read_memory = _ReadMemory(read_memory)
+        self.read_memory = _InFlight(sys.maxsize, read_memory)
         self.reply_stall = reply_stall
         self.tls = tls
         self.tls_required = tls_required
@@ -501,7 +502,9 @@ class _Disconnect(Exception):
 
 
 class _InFlight:
-    """The request tasks of one connection: how many, and the bytes they hold."""
+    """Requests under way and the bytes they hold, bounded: the request
+    tasks of one connection, or the READ data of every connection (the
+    server's `read_memory`, no bound on the count)."""
 
     def __init__(self, limit: int, budget: int) -> None:
         self.limit, self.budget = limit, budget
@@ -531,26 +534,6 @@ class _InFlight:
         """Wait until no request task is left."""
         while self.count:
             await self._changed.wait()
-
-
-class _ReadMemory:
-    """READ data held over all connections: `take` waits while the cap would
-    be passed (one READ of any size when none is held), `give` returns it."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.used = 0
-        self._freed = trio.Event()
-
-    async def take(self, n: int) -> None:
-        while self.used and self.used + n > self.cap:
-            await self._freed.wait()
-        self.used += n
-
-    def give(self, n: int) -> None:
-        self.used -= n
-        self._freed.set()
-        self._freed = trio.Event()
 
 
 class _Session:
@@ -672,11 +655,13 @@ class _Session:
                     if self._concurrent(ev):
                         cost = ev.length if ev.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
                         held = ev.length if ev.type == P.Cmd.READ else 0
-                        await self.server.read_memory.take(held)
+                        if held:
+                            await self.server.read_memory.admit(held)
                         try:
                             await self.in_flight.admit(cost)
                         except BaseException:
-                            self.server.read_memory.give(held)
+                            if held:
+                                self.server.read_memory.done(held)
                             raise
                         self.nursery.start_soon(self._request_task, ev, cost, held)
                         started = True  # the task gives the payload back
@@ -723,7 +708,7 @@ class _Session:
         # Nothing awaited since the reply was queued: it ends at queued_total.
         io = self.io
         if io.sent_total >= io.queued_total or io.broken is not None:
-            self.server.read_memory.give(held)
+            self.server.read_memory.done(held)
         else:
             self._unsent.append((io.queued_total, held))
 
@@ -731,12 +716,12 @@ class _Session:
         """SocketIO.on_sent: the replies that have left give their memory back."""
         unsent = self._unsent
         while unsent and unsent[0][0] <= sent_total:
-            self.server.read_memory.give(unsent.popleft()[1])
+            self.server.read_memory.done(unsent.popleft()[1])
 
     def _give_unsent(self) -> None:
         """The session ended: replies never sent hold nothing any more."""
         while self._unsent:
-            self.server.read_memory.give(self._unsent.popleft()[1])
+            self.server.read_memory.done(self._unsent.popleft()[1])
 
     async def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
         await self.io.send_all(self.conn.option_reply(opt, rep, data))
