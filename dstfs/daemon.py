@@ -43,6 +43,7 @@ from dstfs.export import ExportOptions, serve_exports
 from dstfs.fs import DstFs
 from dstfs.nbd.server import Export, NbdServer
 from dstfs.registry import registry_path, remove_registry, write_registry
+from dstfs.serve import STOP_SIGNALS
 from dstfs.uri import parse_node
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _unreachable(e: OSError) -> bool:
 
 async def _stop_on_signal(stop: Callable[[], object]) -> None:
     # SIGHUP too: a --foreground daemon whose terminal closes unmounts cleanly.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("signal %s: stopping", signal.Signals(signum).name)
             stop()
