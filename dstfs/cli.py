@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dstfs.nbd.server import check_unix_path
     from dstfs.serve import (
         ServeConfig,
+        bind_errors_unwrapped,
         bound,
         open_export,
         parse_allow,
@@ -92,11 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allow=allow,
         )
         try:
-            if args.workers > 1:
-                from dstfs.workers import run_workers
+            # An OSError out of a trio run comes in a group of one: one line.
+            with bind_errors_unwrapped():
+                if args.workers > 1:
+                    from dstfs.workers import run_workers
 
-                return run_workers(cfg, args.workers, socks)
-            trio.run(lambda: run_server(cfg, socks))
+                    return run_workers(cfg, args.workers, socks)
+                trio.run(lambda: run_server(cfg, socks))
         except OSError as e:
             raise CliError(f"cannot serve {args.path}: {e}") from None
     return 0

@@ -54,7 +54,6 @@ from dstfs.serve import (
     STOP_SIGNALS,
     ServeConfig,
     accept_until_stopped,
-    bind_errors_unwrapped,
     close_export,
 )
 
@@ -86,8 +85,7 @@ def run_workers(cfg: ServeConfig, workers: int, socks: list[socket.socket]) -> i
     try:
         for number in range(1, workers + 1):
             pool.append(_fork_worker(number, cfg, socks, pool))
-        with bind_errors_unwrapped():  # an OSError in the run is one line, as for one process
-            failed = trio.run(_accept, cfg, socks, pool)
+        failed = trio.run(_accept, cfg, socks, pool)
     finally:
         for sock in socks:
             sock.close()  # no connection comes that no one takes
